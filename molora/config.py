@@ -1,0 +1,216 @@
+"""MoLoRAConfig: everything needed to inject a mixture of LoRA experts, validated before the model is touched."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from molora.version import __version__
+
+EXPERT_TYPES = ("lora", "rank1")
+INTUITION_POOLINGS = ("causal", "prompt", "mean")
+CONFIG_NAME = "molora_config.json"
+_WARNED_UNKNOWN_KEYS: set[str] = set()
+
+
+def _check_patterns(name: str, value: Any, *, minimum: int | float, kind: type) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict {{regex: value}} or None, got {type(value).__name__}")
+    for key, val in value.items():
+        try:
+            re.compile(key)
+        except re.error as err:
+            raise ValueError(f"{name}: pattern {key!r} is not a valid regex ({err})") from None
+        _check_number(f"{name}[{key!r}]", val, minimum=minimum, kind=kind)
+
+
+def _check_number(name: str, value: Any, *, minimum: int | float, kind: type, strict: bool = False) -> None:
+    ok_type = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float:
+        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok_type:
+        raise ValueError(f"{name} must be {kind.__name__}, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        relation = ">" if strict else ">="
+        raise ValueError(f"{name} must be {relation} {minimum}, got {value!r}")
+
+
+def pattern_lookup(patterns: dict[str, Any] | None, module_name: str) -> tuple[str, Any] | None:
+    """First {regex: value} entry matching the module name or one of its dotted suffixes (as PEFT's rank_pattern)."""
+    for key, value in (patterns or {}).items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{key})", module_name):
+            return key, value
+    return None
+
+
+@dataclass
+class MoLoRAConfig:
+    """Configuration of a mixture of LoRA experts; keys mirror the YAML configs.
+
+    target_modules: list -> exact module name or dotted suffix (as PEFT); str -> regex matched against the full name.
+    num_experts: int, or {regex: int} per module (layer-wise allocation as in MoLA); the first matching key wins.
+    """
+
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    exclude_modules: list[str] | str | None = None
+    num_experts: int | dict[str, int] = 4
+    expert_type: str = "lora"
+    rank: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    use_rslora: bool = False
+    router: str = "softmax"
+    top_k: int | None = None
+    router_temperature: float = 1.0
+    router_jitter: float = 0.0
+    intuition_pooling: str = "causal"
+    intuition_hidden: int | None = None
+    num_tasks: int | None = None
+    aux_losses: dict[str, float] = field(default_factory=lambda: {"balance": 0.01, "z": 0.001})
+    layers_to_transform: int | list[int] | None = None
+    init_lora_weights: bool = True
+
+    def __post_init__(self) -> None:
+        # Imported here so that the registries (which users may extend) stay below the config in the dependency order.
+        from molora.losses import AUX_LOSSES
+        from molora.routers import ROUTERS, SPARSE_DEFAULT_TOP_K
+
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = list(self.target_modules)
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise ValueError(
+                    f"target_modules must be a non-empty list of names or a regex, got {self.target_modules!r}"
+                )
+        elif isinstance(self.target_modules, str):
+            self._check_regex("target_modules", self.target_modules)
+        else:
+            raise ValueError(f"target_modules must be a list of names or a regex string, got {self.target_modules!r}")
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = list(self.exclude_modules)
+        elif isinstance(self.exclude_modules, str):
+            self._check_regex("exclude_modules", self.exclude_modules)
+        elif self.exclude_modules is not None:
+            raise ValueError(f"exclude_modules must be a list, a regex string or None, got {self.exclude_modules!r}")
+
+        if isinstance(self.num_experts, dict):
+            if not self.num_experts:
+                raise ValueError("num_experts must be an int or a non-empty {regex: int} dict")
+            _check_patterns("num_experts", self.num_experts, minimum=1, kind=int)
+        else:
+            _check_number("num_experts", self.num_experts, minimum=1, kind=int)
+        if self.expert_type not in EXPERT_TYPES:
+            raise ValueError(f"expert_type must be one of {EXPERT_TYPES}, got {self.expert_type!r}")
+        _check_number("rank", self.rank, minimum=1, kind=int)
+        _check_number("alpha", self.alpha, minimum=0, kind=float, strict=True)
+        _check_number("dropout", self.dropout, minimum=0, kind=float)
+        if self.dropout >= 1:
+            raise ValueError(f"dropout must be < 1, got {self.dropout!r}")
+        _check_patterns("rank_pattern", self.rank_pattern, minimum=1, kind=int)
+        _check_patterns("alpha_pattern", self.alpha_pattern, minimum=0, kind=float)
+
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {self.router!r}")
+        if self.router in SPARSE_DEFAULT_TOP_K and self.top_k is None:
+            self.top_k = SPARSE_DEFAULT_TOP_K[self.router]
+        if self.top_k is not None and self.router != "softmax":
+            _check_number("top_k", self.top_k, minimum=1, kind=int)
+            if self.router == "switch" and self.top_k != 1:
+                raise ValueError(f"top_k must be 1 (or None) for router='switch', got {self.top_k}")
+            smallest = min(self.num_experts.values()) if isinstance(self.num_experts, dict) else self.num_experts
+            if self.top_k > smallest:
+                raise ValueError(f"top_k={self.top_k} is larger than num_experts={smallest}")
+        elif self.top_k is not None:
+            warnings.warn("top_k is ignored by router='softmax' (dense); use router='topk'", stacklevel=3)
+        _check_number("router_temperature", self.router_temperature, minimum=0, kind=float, strict=True)
+        _check_number("router_jitter", self.router_jitter, minimum=0, kind=float)
+        if self.intuition_pooling not in INTUITION_POOLINGS:
+            raise ValueError(f"intuition_pooling must be one of {INTUITION_POOLINGS}, got {self.intuition_pooling!r}")
+        if self.intuition_hidden is not None:
+            _check_number("intuition_hidden", self.intuition_hidden, minimum=2, kind=int)
+        if self.router == "task" and self.num_tasks is None:
+            raise ValueError("num_tasks is required for router='task'")
+        if self.num_tasks is not None:
+            _check_number("num_tasks", self.num_tasks, minimum=1, kind=int)
+
+        if not isinstance(self.aux_losses, dict):
+            raise ValueError(f"aux_losses must be a dict {{name: weight}}, got {self.aux_losses!r}")
+        for name, weight in self.aux_losses.items():
+            if name not in AUX_LOSSES:
+                raise ValueError(f"aux_losses: unknown loss {name!r}; known: {sorted(AUX_LOSSES)}")
+            _check_number(f"aux_losses[{name!r}]", weight, minimum=0, kind=float)
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_to_transform is not None:
+            if not isinstance(self.layers_to_transform, (list, tuple)) or not self.layers_to_transform:
+                raise ValueError(
+                    f"layers_to_transform must be an int or a non-empty list, got {self.layers_to_transform!r}"
+                )
+            self.layers_to_transform = list(self.layers_to_transform)
+            for index in self.layers_to_transform:
+                _check_number("layers_to_transform", index, minimum=0, kind=int)
+        if not isinstance(self.init_lora_weights, bool):
+            raise ValueError(f"init_lora_weights must be True or False, got {self.init_lora_weights!r}")
+
+    @staticmethod
+    def _check_regex(name: str, pattern: str) -> None:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{name}: {pattern!r} is not a valid regex ({err})") from None
+
+    # Per-module values -------------------------------------------------------------------------------------------
+    def experts_for(self, module_name: str) -> int:
+        if isinstance(self.num_experts, int):
+            return self.num_experts
+        match = pattern_lookup(self.num_experts, module_name)
+        if match is None:
+            raise ValueError(
+                f"num_experts: no pattern in {list(self.num_experts)} matches module {module_name!r}; "
+                "add a catch-all such as '.*'"
+            )
+        return match[1]
+
+    def rank_for(self, module_name: str) -> int:
+        match = pattern_lookup(self.rank_pattern, module_name)
+        return self.rank if match is None else match[1]
+
+    def alpha_for(self, module_name: str) -> float:
+        match = pattern_lookup(self.alpha_pattern, module_name)
+        return self.alpha if match is None else match[1]
+
+    # Serialisation -----------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["molora_version"] = __version__
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoLoRAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - {"molora_version"})
+        new = [key for key in unknown if key not in _WARNED_UNKNOWN_KEYS]
+        if new:
+            _WARNED_UNKNOWN_KEYS.update(new)
+            warnings.warn(f"MoLoRAConfig: ignoring unknown keys {new}", stacklevel=2)
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+    def to_json_file(self, path: str | Path) -> None:
+        from molora.utils import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> MoLoRAConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no MoLoRA config at {path}")
+        return cls.from_dict(json.loads(path.read_text()))

@@ -1,0 +1,122 @@
+"""Per-forward routing context.
+
+Hugging Face forward signatures know nothing about task ids, prompt masks or our decoding state, so these travel
+in a ContextVar that `MoLoRAModel.forward`/`generate` open and that the MoLoRA layers read. Attention masks are
+filled in by a forward pre-hook on the base model (and on its encoder), so they are right at every generation
+step, including when the raw Hugging Face model is called directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class RoutingContext:
+    task_ids: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    decoder_attention_mask: torch.Tensor | None = None
+    # Tokens already in the KV cache when the current call started (read from past_key_values); None if unknown.
+    past_len: int | None = None
+    # Per-layer running state for cached decoding; None outside a decoding session.
+    decode_state: dict[str, dict[str, Any]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_CURRENT: ContextVar[RoutingContext | None] = ContextVar("molora_routing_context", default=None)
+
+
+def current_context() -> RoutingContext | None:
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def routing_context(ctx: RoutingContext) -> Iterator[RoutingContext]:
+    token = _CURRENT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CURRENT.reset(token)
+
+
+def checkpoint_context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """For torch.utils.checkpoint(context_fn=...): recomputation in backward sees the forward's routing context."""
+    ctx = _CURRENT.get()
+    return contextlib.nullcontext(), (routing_context(ctx) if ctx is not None else contextlib.nullcontext())
+
+
+def in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def _as_mask(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor) and value.dim() == 2:
+        return value
+    return None
+
+
+def _cache_length(cache: Any) -> int | None:
+    if cache is None:
+        return None
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)):  # legacy tuples
+        return int(cache[0][0].shape[-2])
+    return None
+
+
+class MaskCapture:
+    """Forward hooks that copy attention masks from a model call into the routing context.
+
+    If no context is open (the raw model is called), the pre-hook opens one for the duration of the call.
+    """
+
+    def __init__(self, mask_keys: dict[str, str], read_cache: bool = False):
+        # kwarg name in the hooked module's forward -> RoutingContext field
+        self.mask_keys = mask_keys
+        self.read_cache = read_cache
+        self._tokens: list[Any] = []
+        self._positions: dict[int, dict[str, int]] = {}
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def attach(self, module: torch.nn.Module) -> None:
+        params = list(inspect.signature(module.forward).parameters)
+        positions = {key: params.index(key) for key in self.mask_keys if key in params}
+        self._positions[id(module)] = positions
+        self.handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+        self.handles.append(module.register_forward_hook(self._post, always_call=True))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        ctx = _CURRENT.get()
+        if ctx is None:
+            ctx = RoutingContext()
+            self._tokens.append(_CURRENT.set(ctx))
+        else:
+            self._tokens.append(None)
+        positions = self._positions.get(id(module), {})
+        for key, attr in self.mask_keys.items():
+            if key in kwargs:
+                setattr(ctx, attr, _as_mask(kwargs[key]))
+            elif key in positions and positions[key] < len(args):
+                setattr(ctx, attr, _as_mask(args[positions[key]]))
+        if self.read_cache:
+            ctx.past_len = _cache_length(kwargs.get("past_key_values"))
+
+    def _post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if self._tokens:
+            token = self._tokens.pop()
+            if token is not None:
+                _CURRENT.reset(token)

@@ -1,0 +1,238 @@
+"""Find target modules, check everything, then swap them for MoLoRALinear layers.
+
+All validation happens before the first module is replaced, so a failure leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from molora.config import MoLoRAConfig, pattern_lookup
+from molora.experts import build_experts
+from molora.layer import MoLoRALinear
+from molora.routers import ROUTERS
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, this only guards odd installs
+    Conv1D = None
+
+SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|block|blocks)\.(\d+)\.")
+_CROSS_ATTENTION_INPUTS = re.compile(
+    r".*(?:EncDecAttention\.(?:k|v)|encoder_attn\.(?:k_proj|v_proj)|crossattention\.self\.(?:key|value))"
+)
+
+
+@dataclass
+class InjectedModule:
+    name: str
+    base_type: str
+    in_features: int
+    out_features: int
+    num_experts: int
+    rank: int | None
+    alpha: float
+    scaling: float
+    role: str
+
+
+@dataclass
+class InjectionReport:
+    """What was injected where; printed by get_molora_model(verbose=True) and kept on the model."""
+
+    modules: list[InjectedModule]
+    router: str
+    expert_type: str
+    aux_losses: dict[str, float]
+    excluded: list[str] = field(default_factory=list)
+    unused_patterns: dict[str, list[str]] = field(default_factory=dict)
+    trainable_params: int = 0
+    total_params: int = 0
+
+    def __str__(self) -> str:
+        lines = [
+            f"MoLoRA injection: {len(self.modules)} modules, router={self.router}, experts={self.expert_type}",
+            f"{'module':<48} {'type':<7} {'in':>5} {'out':>5} {'E':>3} {'r':>3} {'scale':>7} role",
+        ]
+        for m in self.modules:
+            rank = "-" if m.rank is None else str(m.rank)
+            lines.append(
+                f"{m.name:<48} {m.base_type:<7} {m.in_features:>5} {m.out_features:>5} {m.num_experts:>3} "
+                f"{rank:>3} {m.scaling:>7.3g} {m.role}"
+            )
+        weights = ", ".join(f"{k}={v:g}" for k, v in self.aux_losses.items()) or "none"
+        lines.append(f"aux losses: {weights}")
+        if self.excluded:
+            lines.append(f"excluded by exclude_modules: {', '.join(self.excluded)}")
+        for name, patterns in self.unused_patterns.items():
+            lines.append(f"WARNING {name}: patterns that matched no targeted module: {patterns}")
+        if self.total_params:
+            pct = 100 * self.trainable_params / self.total_params
+            lines.append(
+                f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} "
+                f"|| trainable%: {pct:.4f}"
+            )
+        return "\n".join(lines)
+
+
+def _matches(patterns: list[str] | str, name: str) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == t or name.endswith("." + t) for t in patterns)
+
+
+def _layer_index(name: str) -> int | None:
+    found = _LAYER_INDEX.findall("." + name + ".")
+    return int(found[-1]) if found else None
+
+
+def _role(model: nn.Module, name: str) -> str:
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "self"
+    if _CROSS_ATTENTION_INPUTS.fullmatch(name):
+        return "cross"
+    return "decoder" if "decoder" in name.split(".") else "encoder"
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    d_in, d_out = module.weight.shape  # Conv1D stores [in, out]
+    return d_in, d_out
+
+
+def _no_match_error(field_name: str, target: str, model: nn.Module) -> ValueError:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, SUPPORTED_TYPES)})
+    return ValueError(
+        f"{field_name}: {target!r} matches no module in {type(model).__name__}; "
+        f"linear modules it has include: {leaves[:12]}"
+    )
+
+
+def find_targets(model: nn.Module, config: MoLoRAConfig) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """(name, module) pairs to wrap, and the names that exclude_modules removed; raises naming the cause."""
+    if any(isinstance(m, MoLoRALinear) for m in model.modules()):
+        raise ValueError("the model already has MoLoRA layers; call unload() before injecting again")
+    named = [(n, m) for n, m in model.named_modules() if n]
+    targets = config.target_modules
+    if isinstance(targets, str):
+        if not any(_matches(targets, n) for n, _ in named):
+            raise _no_match_error("target_modules", targets, model)
+    else:
+        for target in targets:
+            if not any(_matches([target], n) for n, _ in named):
+                raise _no_match_error("target_modules", target, model)
+    matched = [(n, m) for n, m in named if _matches(targets, n)]
+    for name, module in matched:
+        if not isinstance(module, SUPPORTED_TYPES):
+            raise ValueError(
+                f"target_modules matched {name!r} of type {type(module).__name__}; only nn.Linear and "
+                "transformers' Conv1D can hold experts"
+            )
+    excluded = [n for n, _ in matched if config.exclude_modules is not None and _matches(config.exclude_modules, n)]
+    kept = [(n, m) for n, m in matched if n not in set(excluded)]
+    if not kept:
+        raise ValueError(f"exclude_modules={config.exclude_modules!r} excludes every module matched by target_modules")
+    if config.layers_to_transform is not None:
+        wanted = set(config.layers_to_transform)
+        kept = [(n, m) for n, m in kept if _layer_index(n) in wanted]
+        if not kept:
+            raise ValueError(
+                f"layers_to_transform={config.layers_to_transform} keeps none of the targeted modules "
+                f"(layer indices found: {sorted({_layer_index(n) for n, _ in matched} - {None})})"
+            )
+    return kept, excluded
+
+
+def _scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # As PEFT's autocast_adapter_dtype: half-precision bases get fp32 adapters.
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def inject(model: nn.Module, config: MoLoRAConfig) -> InjectionReport:
+    """Wrap every targeted module in place and freeze the base; returns the report."""
+    targets, excluded = find_targets(model, config)
+    router_cls = ROUTERS[config.router]
+    pooling_by_role = {"decoder": "causal", "cross": "mean"}
+    layers: list[tuple[str, MoLoRALinear]] = []
+    records: list[InjectedModule] = []
+    for name, module in targets:  # build everything before touching the model
+        d_in, d_out = _features(module)
+        num_experts = config.experts_for(name)
+        rank, alpha = config.rank_for(name), config.alpha_for(name)
+        role = _role(model, name)
+        weight = module.weight
+        experts = build_experts(
+            config.expert_type,
+            d_in,
+            d_out,
+            num_experts,
+            rank,
+            init_zero=config.init_lora_weights,
+            dtype=_adapter_dtype(weight),
+            device=weight.device,
+        )
+        overrides = (
+            {"pooling": pooling_by_role[role]} if config.router == "intuition" and role in pooling_by_role else {}
+        )
+        router = router_cls.from_config(d_in, num_experts, config, **overrides).to(weight.device)
+        scaling = _scaling(alpha, experts.adapter_rank, config.use_rslora)
+        layer = MoLoRALinear(
+            module,
+            name=name,
+            experts=experts,
+            router=router,
+            scaling=scaling,
+            dropout=config.dropout,
+            role=role,
+            aux_loss_names=tuple(config.aux_losses),
+        )
+        layers.append((name, layer))
+        shown_rank = rank if config.expert_type == "lora" else None
+        records.append(
+            InjectedModule(name, type(module).__name__, d_in, d_out, num_experts, shown_rank, alpha, scaling, role)
+        )
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, layer in layers:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        for param in list(layer.experts.parameters()) + list(layer.router.parameters()):
+            param.requires_grad_(True)
+
+    names = [n for n, _ in targets]
+    unused = {}
+    for field_name in ("num_experts", "rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, field_name)
+        if isinstance(patterns, dict):
+            used = {pattern_lookup(patterns, n)[0] for n in names if pattern_lookup(patterns, n)}
+            if missing := [p for p in patterns if p not in used]:
+                unused[field_name] = missing
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return InjectionReport(
+        records, config.router, config.expert_type, dict(config.aux_losses), excluded, unused, trainable, total
+    )
+
+
+def molora_layers(model: nn.Module) -> list[tuple[str, MoLoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoLoRALinear)]
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Put the original modules back (adapters dropped) and return the model."""
+    for name, layer in molora_layers(model):
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
+    return model

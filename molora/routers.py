@@ -1,0 +1,249 @@
+"""Routers: one interface over the same experts.
+
+A router maps the layer input [B, L, d_in] (plus the routing inputs: token mask, task ids, prompt mask, decoding
+state) to a RouterOutput whose tensors are [B, L, E] and always fp32, whatever the model dtype or autocast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RouterOutput:
+    logits: torch.Tensor  # [B, L, E] fp32, temperature applied (z-loss reads these)
+    probs: torch.Tensor  # [B, L, E] full softmax (balance losses read these)
+    weights: torch.Tensor  # [B, L, E] mixture weights, zero outside the selection
+    indices: torch.Tensor | None  # [B, L, k] selected experts; None for dense routing
+
+
+@dataclass
+class RouterInputs:
+    token_mask: torch.Tensor | None = None  # [B, L] bool, False on padding
+    task_ids: torch.Tensor | None = None  # [B] long
+    prompt_mask: torch.Tensor | None = None  # [B, L] bool, aligned with the current tokens
+    past_len: int = 0  # tokens already in the KV cache before the current ones
+    state: dict[str, Any] | None = None  # this layer's slot for running decoding state; None outside decoding
+
+
+ROUTERS: dict[str, type[Router]] = {}
+# Routers whose top_k has a default; the others are dense unless top_k is given.
+SPARSE_DEFAULT_TOP_K = {"topk": 2, "switch": 1}
+
+
+def register_router(name: str):
+    def decorator(cls: type[Router]) -> type[Router]:
+        cls.name = name
+        ROUTERS[name] = cls
+        return cls
+
+    return decorator
+
+
+def select_experts(
+    probs: torch.Tensor, top_k: int | None, renormalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dense weights when top_k is None; otherwise the top-k probabilities, zero elsewhere."""
+    if top_k is None:
+        return probs, None
+    top_probs, indices = probs.topk(top_k, dim=-1)
+    if renormalize:
+        top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
+    weights = torch.zeros_like(probs).scatter(-1, indices, top_probs)
+    return weights, indices
+
+
+class Router(nn.Module):
+    name: ClassVar[str] = ""
+    renormalize: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        *,
+        top_k: int | None = None,
+        temperature: float = 1.0,
+        jitter: float = 0.0,
+    ):
+        super().__init__()
+        if top_k is not None and not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        self.in_features = in_features
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.temperature = temperature
+        self.jitter = jitter
+
+    @classmethod
+    def from_config(cls, in_features: int, num_experts: int, config: Any, **overrides: Any) -> Router:
+        options = dict(top_k=config.top_k, temperature=config.router_temperature, jitter=config.router_jitter)
+        options.update(overrides)
+        return cls(in_features, num_experts, **options)
+
+    def compute_logits(self, x: torch.Tensor, inputs: RouterInputs) -> torch.Tensor:
+        """Raw fp32 logits, [B, L, E] or broadcastable to it."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, inputs: RouterInputs | None = None) -> RouterOutput:
+        inputs = inputs or RouterInputs()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            if self.training and self.jitter > 0:
+                x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            logits = self.compute_logits(x, inputs).float() / self.temperature
+            logits = logits.expand(*x.shape[:-1], self.num_experts)
+            probs = logits.softmax(dim=-1)
+            weights, indices = select_experts(probs, self.top_k, self.renormalize)
+        return RouterOutput(logits=logits, probs=probs, weights=weights, indices=indices)
+
+
+class LinearRouter(Router):
+    """A linear gate on each token (Mixtral/Switch), kept in fp32."""
+
+    def __init__(self, in_features: int, num_experts: int, **kwargs: Any):
+        super().__init__(in_features, num_experts, **kwargs)
+        self.gate = nn.Linear(in_features, num_experts, bias=False, dtype=torch.float32)
+
+    def compute_logits(self, x: torch.Tensor, inputs: RouterInputs) -> torch.Tensor:
+        return F.linear(x, self.gate.weight.float())
+
+
+@register_router("softmax")
+class SoftmaxRouter(LinearRouter):
+    """Dense: every expert, weighted by softmax(logits / T)."""
+
+    def __init__(self, in_features: int, num_experts: int, **kwargs: Any):
+        kwargs["top_k"] = None
+        super().__init__(in_features, num_experts, **kwargs)
+
+
+@register_router("topk")
+class TopKRouter(LinearRouter):
+    """The k most probable experts per token, weights renormalised to sum to 1."""
+
+
+@register_router("switch")
+class SwitchRouter(LinearRouter):
+    """Top-1; the weight is the router probability (Switch Transformer), so the gate still gets gradient."""
+
+    renormalize = False
+
+    def __init__(self, in_features: int, num_experts: int, **kwargs: Any):
+        kwargs["top_k"] = 1
+        super().__init__(in_features, num_experts, **kwargs)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over dim 1 of x·mask and the count; [B, d] and [B]."""
+    mask = mask.to(x.dtype)
+    return (x * mask.unsqueeze(-1)).sum(dim=1), mask.sum(dim=1)
+
+
+@register_router("intuition")
+class IntuitionRouter(Router):
+    """MoR1E intuition gating: a pooled summary of the sequence, through a small MLP, gates the experts.
+
+    pooling: "causal" — running mean over positions <= t (no token sees the future; continues across cached
+    decoding steps); "prompt" — mean over the prompt tokens, one gate per sequence; "mean" — masked mean over the
+    whole sequence (encoders). Padding never counts.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        *,
+        pooling: str = "causal",
+        hidden: int | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(in_features, num_experts, **kwargs)
+        if pooling not in ("causal", "prompt", "mean"):
+            raise ValueError(f"pooling must be 'causal', 'prompt' or 'mean', got {pooling!r}")
+        if hidden is not None and hidden < 2:
+            raise ValueError(f"intuition hidden width must be >= 2 (LayerNorm over one unit is constant), got {hidden}")
+        self.pooling = pooling
+        hidden = hidden or max(8, in_features // 8)  # LayerNorm over a tiny width would flatten the gate
+        self.mlp = nn.Sequential(
+            nn.Linear(in_features, hidden, dtype=torch.float32),
+            nn.GELU(),
+            nn.LayerNorm(hidden, dtype=torch.float32),
+            nn.Linear(hidden, num_experts, dtype=torch.float32),
+        )
+
+    @classmethod
+    def from_config(cls, in_features: int, num_experts: int, config: Any, **overrides: Any) -> Router:
+        overrides.setdefault("pooling", config.intuition_pooling)
+        overrides.setdefault("hidden", config.intuition_hidden)
+        return super().from_config(in_features, num_experts, config, **overrides)
+
+    def compute_logits(self, x: torch.Tensor, inputs: RouterInputs) -> torch.Tensor:
+        return self.mlp(self.pool(x, inputs))
+
+    def pool(self, x: torch.Tensor, inputs: RouterInputs) -> torch.Tensor:
+        batch, length, _ = x.shape
+        mask = inputs.token_mask
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.bool, device=x.device)
+        state = inputs.state
+        continuing = inputs.past_len > 0
+        if continuing and (state is None or state.get("seen") != inputs.past_len):
+            raise RuntimeError(
+                "cached decoding with the intuition router needs the running pooled state of the earlier "
+                "tokens: decode through MoLoRAModel.generate() or inside `with model.decoding_session():`"
+            )
+        if state is not None:
+            state["seen"] = inputs.past_len + length
+        if self.pooling == "prompt":
+            if continuing:
+                return state["pooled"]
+            if inputs.prompt_mask is None:
+                raise ValueError("intuition_pooling='prompt' needs prompt_mask ([batch, seq] bools) in forward()")
+            total, count = _masked_mean(x, mask & inputs.prompt_mask)
+            pooled = (total / count.clamp_min(1).unsqueeze(-1)).unsqueeze(1)
+            if state is not None:
+                state["pooled"] = pooled.detach()
+            return pooled
+        if self.pooling == "mean":
+            total, count = _masked_mean(x, mask)
+            if continuing:
+                total, count = total + state["sum"], count + state["count"]
+            if state is not None:
+                state.update(sum=total.detach(), count=count.detach())
+            return (total / count.clamp_min(1).unsqueeze(-1)).unsqueeze(1)
+        weights = mask.to(x.dtype)
+        running = (x * weights.unsqueeze(-1)).cumsum(dim=1)
+        count = weights.cumsum(dim=1)
+        if continuing:
+            running = running + state["sum"].unsqueeze(1)
+            count = count + state["count"].unsqueeze(1)
+        if state is not None:
+            state.update(sum=running[:, -1].detach(), count=count[:, -1].detach())
+        return running / count.clamp_min(1).unsqueeze(-1)
+
+
+@register_router("task")
+class TaskRouter(Router):
+    """MOELoRA-style: the gate comes from a learned embedding of the task id, one per sequence."""
+
+    def __init__(self, in_features: int, num_experts: int, *, num_tasks: int, **kwargs: Any):
+        super().__init__(in_features, num_experts, **kwargs)
+        self.num_tasks = num_tasks
+        self.task_embedding = nn.Embedding(num_tasks, num_experts, dtype=torch.float32)
+        nn.init.normal_(self.task_embedding.weight, std=0.02)
+
+    @classmethod
+    def from_config(cls, in_features: int, num_experts: int, config: Any, **overrides: Any) -> Router:
+        overrides.setdefault("num_tasks", config.num_tasks)
+        return super().from_config(in_features, num_experts, config, **overrides)
+
+    def compute_logits(self, x: torch.Tensor, inputs: RouterInputs) -> torch.Tensor:
+        if inputs.task_ids is None:
+            raise ValueError("router='task' needs task_ids ([batch] ints) passed to MoLoRAModel.forward/generate")
+        return self.task_embedding.weight.float()[inputs.task_ids].unsqueeze(1)

@@ -1,0 +1,67 @@
+import math
+
+import pytest
+import torch
+
+from molora.losses import AUX_LOSSES, balance_loss, cv_loss, entropy_loss, register_aux_loss, z_loss
+from molora.routers import RouterOutput, select_experts
+
+
+def route_from_logits(logits: torch.Tensor, top_k: int | None, renormalize: bool = True) -> RouterOutput:
+    probs = logits.softmax(-1)
+    weights, indices = select_experts(probs, top_k, renormalize)
+    return RouterOutput(logits, probs, weights, indices)
+
+
+@pytest.mark.parametrize("top_k", [None, 1, 2])
+def test_balance_is_exactly_one_for_a_uniform_router(top_k):
+    route = route_from_logits(torch.zeros(2, 5, 4), top_k)
+    assert balance_loss(route).item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_masked_padding_does_not_change_balance_but_unmasked_padding_does(top_k):
+    torch.manual_seed(0)
+    real = torch.randn(1, 6, 4)
+    padding = torch.randn(1, 3, 4) * 3
+    route_real = route_from_logits(real, top_k)
+    route_padded = route_from_logits(torch.cat([real, padding], dim=1), top_k)
+    mask = torch.tensor([[True] * 6 + [False] * 3])
+    expected = balance_loss(route_real)
+    assert balance_loss(route_padded, mask).item() == pytest.approx(expected.item(), abs=1e-6)
+    assert abs(balance_loss(route_padded).item() - expected.item()) > 1e-3
+    for name in ("z", "cv", "entropy"):
+        loss = AUX_LOSSES[name]
+        assert loss(route_padded, mask).item() == pytest.approx(loss(route_real).item(), abs=1e-6)
+
+
+def test_hand_computed_values_for_a_fixed_input():
+    # probabilities [.75, .25], [.25, .75], [.75, .25]; switch routing (top-1, weight = probability)
+    logits = torch.tensor([[[math.log(3), 0.0], [0.0, math.log(3)], [math.log(3), 0.0]]])
+    route = route_from_logits(logits, top_k=1, renormalize=False)
+    # f = [2/3, 1/3], P = [1.75/3, 1.25/3] -> 2 * (2/3 * 1.75/3 + 1/3 * 1.25/3) = 9.5 / 9
+    assert balance_loss(route).item() == pytest.approx(9.5 / 9, abs=1e-6)
+    assert z_loss(route).item() == pytest.approx(math.log(4) ** 2, abs=1e-5)
+    # importance = mean weights = [0.5, 0.25]: population var 0.015625 / mean^2 0.140625
+    assert cv_loss(route).item() == pytest.approx(0.015625 / 0.140625, abs=1e-6)
+    expected_entropy = 7 / 12 * math.log(7 / 12) + 5 / 12 * math.log(5 / 12)
+    assert entropy_loss(route).item() == pytest.approx(expected_entropy, abs=1e-6)
+
+
+def test_losses_are_differentiable_in_the_logits():
+    logits = torch.randn(2, 5, 4, requires_grad=True)
+    route = route_from_logits(logits, top_k=2)
+    for name in ("balance", "z", "cv", "entropy"):
+        (grad,) = torch.autograd.grad(AUX_LOSSES[name](route), logits, retain_graph=True)
+        assert grad.abs().sum() > 0, name
+
+
+def test_registry_accepts_custom_losses():
+    @register_aux_loss("max_prob_test")
+    def max_prob(route, token_mask=None):
+        return route.probs.max()
+
+    try:
+        assert AUX_LOSSES["max_prob_test"] is max_prob
+    finally:
+        del AUX_LOSSES["max_prob_test"]
