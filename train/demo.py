@@ -111,5 +111,6 @@ def main(argv: list[str] | None = None) -> None:
         favourites = ", ".join(f"{task}->e{int(row.argmax())}" for task, row in zip(DOMAINS, load, strict=True))
         print(f"  {name:<34} {favourites}")
 
+
 if __name__ == "__main__":
     main()
