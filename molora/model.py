@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,28 @@ class MoLoRAModel(nn.Module):
         with routing_context(ctx):
             yield ctx
 
+    def _check_decoding(self, kwargs: dict[str, Any]) -> None:
+        config = self.molora_config
+        if config.router != "intuition":
+            return
+        encoder_decoder = getattr(getattr(self.base_model, "config", None), "is_encoder_decoder", False)
+        if config.intuition_pooling == "mean" and not encoder_decoder:
+            warnings.warn(
+                "intuition_pooling='mean' lets every token see the whole sequence, so cached generation differs "
+                "from uncached; use 'causal' or 'prompt' for decoders",
+                stacklevel=3,
+            )
+        generation_config = kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
+        beams = kwargs.get("num_beams") or getattr(generation_config, "num_beams", 1) or 1
+        running_state = encoder_decoder or config.intuition_pooling != "prompt"
+        if beams > 1 and running_state:
+            raise NotImplementedError(
+                "beam search reorders the KV cache but not the intuition router's running pooled state; use greedy "
+                "or sampling, or intuition_pooling='prompt'"
+            )
+
     def generate(self, *args: Any, task_ids: Any = None, prompt_mask: Any = None, **kwargs: Any) -> Any:
+        self._check_decoding(kwargs)
         if prompt_mask is None and self.molora_config.intuition_pooling == "prompt":
             prompt_mask = kwargs.get("attention_mask")
             if prompt_mask is None:
@@ -112,10 +134,11 @@ class MoLoRAModel(nn.Module):
         layers = [(n, m) for n, m in molora_layers(self.base_model) if m.aux_terms is not None]
         if per_layer:
             return {name: dict(layer.aux_terms) for name, layer in layers}
+        if not layers:
+            return {}
         return {
             loss: torch.stack([layer.aux_terms[loss] for _, layer in layers]).mean()
             for loss in self.molora_config.aux_losses
-            if layers
         }
 
     def aux_loss(self) -> torch.Tensor:

@@ -216,7 +216,7 @@ def inject(model: nn.Module, config: MoLoRAConfig) -> InjectionReport:
     for field_name in ("num_experts", "rank_pattern", "alpha_pattern"):
         patterns = getattr(config, field_name)
         if isinstance(patterns, dict):
-            used = {pattern_lookup(patterns, n)[0] for n in names if pattern_lookup(patterns, n)}
+            used = {match[0] for n in names if (match := pattern_lookup(patterns, n))}
             if missing := [p for p in patterns if p not in used]:
                 unused[field_name] = missing
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from molora.experts import LoRAExperts, Rank1Experts, build_experts
 from tests.reference import loop_delta
@@ -49,3 +51,21 @@ def test_shapes_and_adapter_rank():
     assert rank1.u.shape == (5, 12) and rank1.v.shape == (5, 10) and rank1.adapter_rank == 5
     with pytest.raises(ValueError, match="expert_type"):
         build_experts("dora", 12, 10, 5, 3, init_zero=True)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    kind=st.sampled_from(["lora", "rank1"]),
+    tokens=st.integers(1, 9),
+    d_in=st.integers(1, 17),
+    d_out=st.integers(1, 17),
+    num_experts=st.integers(1, 6),
+    rank=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_vectorised_matches_loop_for_any_shape(kind, tokens, d_in, d_out, num_experts, rank, seed):
+    torch.manual_seed(seed)
+    experts = build_experts(kind, d_in, d_out, num_experts, rank, init_zero=False)
+    x = torch.randn(tokens, d_in)
+    weights = torch.rand(tokens, num_experts)
+    assert (experts(x, weights) - loop_delta(experts, x, weights)).abs().max() < 1e-5

@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from molora.losses import AUX_LOSSES, balance_loss, cv_loss, entropy_loss, register_aux_loss, z_loss
 from molora.routers import RouterOutput, select_experts
@@ -65,3 +67,25 @@ def test_registry_accepts_custom_losses():
         assert AUX_LOSSES["max_prob_test"] is max_prob
     finally:
         del AUX_LOSSES["max_prob_test"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    tokens=st.integers(1, 12),
+    num_experts=st.integers(2, 8),
+    top_k=st.one_of(st.none(), st.integers(1, 8)),
+    scale=st.floats(0.0, 5.0),
+    seed=st.integers(0, 2**16),
+)
+def test_balance_properties_for_any_routing(tokens, num_experts, top_k, scale, seed):
+    top_k = None if top_k is None else min(top_k, num_experts)
+    torch.manual_seed(seed)
+    route = route_from_logits(torch.randn(1, tokens, num_experts) * scale, top_k)
+    # f and P are distributions over experts, so E * sum f P lies in (0, E]; z and entropy have closed bounds
+    value = balance_loss(route).item()
+    assert 0 < value <= num_experts + 1e-4
+    assert z_loss(route).item() >= 0
+    assert -math.log(num_experts) - 1e-5 <= entropy_loss(route).item() <= 1e-6
+    if top_k is not None:
+        assert ((route.weights > 0).sum(-1) <= top_k).all()
+        assert torch.allclose(route.weights.sum(-1), torch.ones(1, tokens), atol=1e-5)

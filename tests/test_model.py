@@ -404,3 +404,59 @@ def test_encoder_decoder_generate_with_cache_equals_without_cache():
     )
     with torch.no_grad():
         assert torch.equal(model.generate(**kwargs, use_cache=True), model.generate(**kwargs, use_cache=False))
+
+
+def test_beam_search_with_a_running_router_state_is_refused():
+    model = get_molora_model(build_base("llama"), molora_config("llama", "intuition"))
+    ids, mask = _left_padded_prompt()
+    with pytest.raises(NotImplementedError, match="beam search"):
+        model.generate(input_ids=ids, attention_mask=mask, num_beams=2, max_new_tokens=2)
+    prompt_model = get_molora_model(
+        build_base("llama"), molora_config("llama", "intuition", intuition_pooling="prompt")
+    )
+    out = prompt_model.generate(input_ids=ids, attention_mask=mask, num_beams=2, max_new_tokens=2, pad_token_id=0)
+    assert out.shape == (2, 9)
+
+
+@pytest.mark.parametrize(("router", "k"), [("topk", 2), ("switch", 1)])
+def test_sparse_routers_select_k_experts_for_every_token_inside_the_model(router, k):
+    model = get_molora_model(build_base("llama"), molora_config("llama", router))
+    randomize_experts(model)
+    seen = []
+    for layer in _layers(model).values():
+        layer.router.register_forward_hook(lambda m, i, out: seen.append(out))
+    with torch.no_grad():
+        _run(model, router)
+    assert len(seen) == len(_layers(model))
+    for out in seen:
+        assert ((out.weights > 0).sum(-1) == k).all()
+        expected_sum = 1.0 if router == "topk" else out.probs.max(-1).values
+        assert torch.allclose(out.weights.sum(-1), torch.as_tensor(expected_sum).expand_as(out.weights[..., 0]))
+
+
+def test_dropout_touches_only_the_expert_path_and_only_in_training():
+    model = get_molora_model(build_base("llama"), molora_config("llama", dropout=0.5))
+    randomize_experts(model)
+    batch = make_batch()
+    reference = outputs_of(build_base("llama")(**batch)).detach()
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(_run(model, "softmax", batch), _run(model, "softmax", batch))
+        model.train()
+        first, second = _run(model, "softmax", batch), _run(model, "softmax", batch)
+        assert not torch.equal(first, second)
+        with model.disable_adapters():
+            assert torch.equal(_run(model, "softmax", batch), reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("router", ROUTERS)
+def test_cuda_matches_cpu(router):
+    model = get_molora_model(build_base("llama"), molora_config("llama", router))
+    randomize_experts(model)
+    batch = make_batch(pad_last=2)
+    with torch.no_grad():
+        cpu = _run(model, router, batch)
+        cuda_batch = {k: v.cuda() for k, v in batch.items()}
+        gpu = _run(model.to("cuda"), router, cuda_batch)
+    assert (gpu.cpu() - cpu).abs().max() < 1e-4
