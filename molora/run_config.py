@@ -1,0 +1,153 @@
+"""A training run's configuration: YAML sections model / data / molora / train mirror the dataclasses here.
+
+Unknown keys are errors that name the key and suggest the closest one; `key.sub=value` overrides use YAML values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from molora.config import MoLoRAConfig
+from molora.data import DataConfig
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"  # built-in name, local folder, or hub id (from_pretrained unchanged)
+    task: str = "causal-lm"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    router_lr: float | None = None  # None: same as lr
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    bf16: bool = False
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at start and end
+    eval_batch_size: int = 8
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    stop_after: int | None = None  # end this invocation after N steps (time-sliced jobs); --resume continues
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batch_size", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"train.{name} must be an int >= 1, got {value!r}")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"train.{name} must be an int >= 0, got {value!r}")
+        if not self.lr > 0 or (self.router_lr is not None and not self.router_lr > 0):
+            raise ValueError(f"train.lr and train.router_lr must be > 0, got {self.lr!r}, {self.router_lr!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    molora: MoLoRAConfig = field(default_factory=MoLoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a run config is a mapping with sections {list(SECTIONS)}, got {type(data).__name__}")
+        check_keys(data)
+        molora = dict(data.get("molora") or {})
+        if molora.get("router") == "task" and molora.get("num_tasks") is None:  # one task per domain
+            domains = (data.get("data") or {}).get("domains") or DataConfig().domains
+            molora["num_tasks"] = len([domains] if isinstance(domains, str) else domains)
+            data = {**data, "molora": molora}
+        return cls(
+            **{name: SECTIONS[name](**_coerce_floats(SECTIONS[name], data.get(name) or {})) for name in SECTIONS}
+        )
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "molora": MoLoRAConfig, "train": TrainConfig}
+
+
+def _coerce_floats(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads `1e-3` as a string; float fields take it as the number it is."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    out = dict(values)
+    for key, value in values.items():
+        if isinstance(value, str) and "float" in types.get(key, ""):
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise ValueError(f"{key} must be a number, got {value!r}") from None
+    return out
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _unknown(key: str) -> ValueError:
+    close = difflib.get_close_matches(key, _all_keys() + list(SECTIONS), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; sections are {list(SECTIONS)}"
+    return ValueError(f"unknown config key {key!r}{hint}")
+
+
+def check_keys(data: dict[str, Any]) -> None:
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise _unknown(section)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ValueError(f"config section {section!r} must be a mapping, got {values!r}")
+        names = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        for key in values:
+            if key not in names:
+                raise _unknown(f"{section}.{key}")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`train.steps=10 molora.router=switch`; values are parsed as YAML."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        section, name = key.split(".", 1)
+        if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+            raise _unknown(key)
+        data.setdefault(section, {})
+        if data[section] is None:
+            data[section] = {}
+        data[section][name] = yaml.safe_load(raw)
+    return data
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+    return RunConfig.from_dict(apply_overrides(data, overrides or []))

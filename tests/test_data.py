@@ -1,0 +1,111 @@
+import json
+
+import pytest
+import torch
+
+from molora.data import (
+    BUILTIN_DOMAINS,
+    DataConfig,
+    MultiDomainData,
+    collate,
+    load_records,
+    mixing_weights,
+    split_records,
+)
+from tests.tiny import save_tiny_model, write_toy_domains
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(save_tiny_model(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.mark.parametrize("domain", sorted(BUILTIN_DOMAINS))
+def test_builtin_domain_loads_and_splits_disjoint_and_deterministic(domain):
+    config = DataConfig(domains=[domain])
+    records = load_records(config)[domain]
+    assert len(records) >= 100
+    assert all(set(r) == {"prompt", "response"} and r["response"] for r in records)
+    train, evaluation = split_records(records, domain, config)
+    again_train, again_eval = split_records(records, domain, config)
+    assert train == again_train and evaluation == again_eval
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in evaluation}
+    assert len(train) + len(evaluation) == len(records)
+    other_train, _ = split_records(records, domain, DataConfig(domains=[domain], seed=1))
+    assert other_train != train
+
+
+def test_built_examples_have_text_prompt_len_domain_and_task_id(tokenizer, tmp_path):
+    data = MultiDomainData(DataConfig(domains=["math", "qa"], max_examples_per_domain=30, max_length=64), tokenizer)
+    assert data.names == ["math", "qa"]
+    for task_id, domain in enumerate(data.domains):
+        example = domain.train[0]
+        assert example["domain"] == domain.name and example["task_id"] == task_id
+        assert 0 < example["prompt_len"] < len(example["input_ids"]) <= 64
+        assert isinstance(example["text"], str) and example["text"]
+
+
+def test_collate_masks_prompt_and_padding_in_labels():
+    examples = [
+        {"input_ids": [5, 6, 7, 8], "prompt_len": 2, "task_id": 1},
+        {"input_ids": [9, 10], "prompt_len": 1, "task_id": 0},
+    ]
+    batch = collate(examples, pad_token_id=0, loss_on="response")
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8], [-100, 10, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["prompt_mask"].tolist() == [[True, True, False, False], [True, False, False, False]]
+    assert batch["task_ids"].tolist() == [1, 0]
+    assert collate(examples, 0, "all")["labels"].tolist() == [[5, 6, 7, 8], [9, 10, -100, -100]]
+
+
+def test_mixing_weights_by_hand():
+    assert mixing_weights([100, 300], "proportional", 2.0) == pytest.approx([0.25, 0.75])
+    assert mixing_weights([100, 400], "temperature", 2.0) == pytest.approx([10 / 30, 20 / 30])
+
+
+def test_training_batches_are_deterministic_and_shard_by_rank(tokenizer, tmp_path):
+    config = DataConfig(domains=["upper", "reverse"], files=[str(write_toy_domains(tmp_path / "toy.jsonl"))])
+    data = MultiDomainData(config, tokenizer)
+    assert torch.equal(data.train_batch(3, 4)["input_ids"], data.train_batch(3, 4)["input_ids"])
+    assert not torch.equal(data.train_batch(3, 4)["input_ids"], data.train_batch(4, 4)["input_ids"])
+    whole = data.train_batch(5, 2, rank=0, world_size=1)
+    rank0 = data.train_batch(5, 1, rank=0, world_size=2)
+    rank1 = data.train_batch(5, 1, rank=1, world_size=2)
+    assert rank0["task_ids"].tolist() + rank1["task_ids"].tolist() == whole["task_ids"].tolist()
+    eval_prompts = {tuple(r) for d in data.domains for r in d.eval["input_ids"]}
+    train_prompts = {tuple(r) for d in data.domains for r in d.train["input_ids"]}
+    assert not eval_prompts & train_prompts
+
+
+def test_user_csv_with_a_text_field(tokenizer, tmp_path):
+    path = tmp_path / "mine.csv"
+    path.write_text("domain,text\n" + "".join(f"legal,clause number {i} applies\n" for i in range(20)))
+    data = MultiDomainData(DataConfig(domains=["legal"], files=[str(path)]), tokenizer)
+    example = data.domains[0].train[0]
+    assert example["prompt_len"] == 0 and example["domain"] == "legal"
+
+
+def test_clear_errors(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown domain.*'news'"):
+        DataConfig(domains=["nope"])
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
+        DataConfig(domains=["x"], files=[str(tmp_path / "missing.jsonl")])
+    toy = write_toy_domains(tmp_path / "toy.jsonl")
+    with pytest.raises(ValueError, match=r"unknown domain 'legal'.*'reverse'"):
+        load_records(DataConfig(domains=["legal"], files=[str(toy)]))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"domain": "x", "body": "hello"}) + "\n")
+    with pytest.raises(ValueError, match="text_field"):
+        load_records(DataConfig(domains=["x"], files=[str(bad)]))
+    no_domain = tmp_path / "nodomain.jsonl"
+    no_domain.write_text(json.dumps({"text": "hello"}) + "\n")
+    with pytest.raises(ValueError, match="domain_field"):
+        load_records(DataConfig(domains=["x"], files=[str(no_domain)]))
+    long = tmp_path / "long.jsonl"
+    long.write_text(
+        "".join(json.dumps({"domain": "d", "prompt": "p" * 50 + str(i), "response": ""}) + "\n" for i in range(5))
+    )
+    with pytest.raises(ValueError, match="empty after filtering"):
+        MultiDomainData(DataConfig(domains=["d"], files=[str(long)], max_length=16), tokenizer)

@@ -1,0 +1,121 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from molora.run_config import RunConfig
+from molora.training import lr_factor, train
+from tests.tiny import save_tiny_model, tiny_run_config, write_toy_domains
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return save_tiny_model(root / "model"), write_toy_domains(root / "toy.jsonl")
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def test_training_lowers_eval_loss_and_writes_the_run_folder(tiny, tmp_path):
+    model_dir, data_file = tiny
+    config = RunConfig.from_dict(tiny_run_config(model_dir, data_file, steps=40, eval_every=20, save_every=20))
+    result = train(config, tmp_path / "run")
+    for domain in ("upper", "reverse"):
+        assert result["after"][domain]["loss"] < result["before"][domain]["loss"] - 0.3, domain
+    run = tmp_path / "run"
+    assert {p.name for p in run.iterdir()} == {
+        "config.yaml",
+        "metrics.jsonl",
+        "eval.json",
+        "adapter",
+        "checkpoints",
+        "summary.md",
+    }
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 40
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in lines if r["type"] == "train"]
+    assert [r["step"] for r in train_lines] == [5, 10, 15, 20, 25, 30, 35, 40]
+    for key in (
+        "loss",
+        "lm_loss",
+        "aux/balance",
+        "aux/z",
+        "lr",
+        "tokens_per_s",
+        "grad_norm",
+        "router_entropy",
+        "load_cv",
+        "dead_experts",
+    ):
+        assert key in train_lines[-1], key
+    assert [r["step"] for r in lines if r["type"] == "eval"] == [0, 20, 40]
+    assert train_lines[0]["aux/balance"] >= 0.99  # the balance loss is never below 1 for top-k routing
+    assert json.loads((run / "eval.json").read_text())["after"]["upper"]["loss"] == result["after"]["upper"]["loss"]
+    assert "| upper |" in (run / "summary.md").read_text()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000020", "step-000040"]
+
+
+def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny, tmp_path):
+    model_dir, data_file = tiny
+    spec = tiny_run_config(model_dir, data_file, steps=12, save_every=4, grad_accum=2)
+    spec["molora"].update(dropout=0.1, router_jitter=0.05)  # RNG in the loop must be restored too
+    train(RunConfig.from_dict(spec), tmp_path / "whole")
+    stopped = RunConfig.from_dict({**spec, "train": {**spec["train"], "stop_after": 6}})
+    assert train(stopped, tmp_path / "split")["stopped_at"] == 6
+    assert not (tmp_path / "split" / "adapter").exists()
+    train(RunConfig.from_dict(spec), tmp_path / "split", resume=True)
+    whole, split = _adapter(tmp_path / "whole"), _adapter(tmp_path / "split")
+    assert whole.keys() == split.keys()
+    for key in whole:
+        assert torch.equal(whole[key], split[key]), key
+    logged = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["step"], r["type"]) for r in logged]
+    assert len(keys) == len(set(keys))  # nothing logged twice across the restart
+    assert [r["step"] for r in logged] == sorted(r["step"] for r in logged)
+
+
+def test_resume_without_a_checkpoint_is_an_error(tiny, tmp_path):
+    model_dir, data_file = tiny
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(RunConfig.from_dict(tiny_run_config(model_dir, data_file)), tmp_path / "none", resume=True)
+
+
+def test_two_process_torchrun_ends_with_identical_adapters(tiny, tmp_path):
+    model_dir, data_file = tiny
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config(model_dir, data_file, steps=6)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        "-m",
+        "train.train",
+        "--config",
+        str(config),
+        "--output-dir",
+        str(tmp_path / "ddp"),
+    ]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "ddp" / "eval.json").read_text())
+    assert result["world_size"] == 2 and result["ranks_identical"] is True
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    values = [lr_factor(s, warmup=4, total=20, min_ratio=0.1) for s in range(20)]
+    assert values[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert all(a >= b for a, b in zip(values[3:], values[4:], strict=False))  # noqa: RUF007
+    assert lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
