@@ -13,6 +13,7 @@ from torch import nn
 
 from molora.config import CONFIG_NAME, MoLoRAConfig
 from molora.context import MaskCapture, RoutingContext, checkpoint_context_fn, current_context, routing_context
+from molora.inspect import RoutingRecorder
 from molora.layer import MoLoRALinear
 from molora.patcher import InjectionReport, inject, molora_layers, unload
 from molora.utils import atomic_write
@@ -148,6 +149,10 @@ class MoLoRAModel(nn.Module):
         for loss, value in terms.items():
             total = total + self.molora_config.aux_losses[loss] * value
         return total
+
+    def record_routing(self, task_ids: Any = None, domains: list[str] | None = None) -> RoutingRecorder:
+        """`with model.record_routing(domains=names) as rec:` records routing per task; see molora.inspect."""
+        return RoutingRecorder(self.base_model, task_ids=task_ids, domains=domains)
 
     # Adapters on/off --------------------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -16,12 +16,24 @@ import yaml
 from molora.config import MoLoRAConfig
 from molora.data import DataConfig
 
+ADAPTERS = ("molora", "peft-lora", "none")
+
 
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m"  # built-in name, local folder, or hub id (from_pretrained unchanged)
     task: str = "causal-lm"
     gradient_checkpointing: bool = False
+    # "molora": the mixture in the molora section; "peft-lora": a plain PEFT LoRA baseline on the same target
+    # modules (peft_rank None: the rank whose trainable parameters match the mixture's); "none": the base model.
+    adapter: str = "molora"
+    peft_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"model.adapter must be one of {ADAPTERS}, got {self.adapter!r}")
+        if self.peft_rank is not None and (not isinstance(self.peft_rank, int) or self.peft_rank < 1):
+            raise ValueError(f"model.peft_rank must be an int >= 1 or null, got {self.peft_rank!r}")
 
 
 @dataclass
@@ -44,6 +56,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     stop_after: int | None = None  # end this invocation after N steps (time-sliced jobs); --resume continues
     progress: bool = True
+    # Collapse alarm, checked at every evaluation: an expert under 1/(10E) of the load for `alarm_evals`
+    # consecutive evaluations, or mean routing entropy under alarm_entropy_ratio * ln(E).
+    alarm_evals: int = 2
+    alarm_entropy_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batch_size", "keep_checkpoints"):

@@ -41,7 +41,17 @@ def test_training_lowers_eval_loss_and_writes_the_run_folder(tiny, tmp_path):
         "adapter",
         "checkpoints",
         "summary.md",
+        "routing",
     }
+    assert {p.name for p in (run / "routing").iterdir()} == {
+        "report.md",
+        "stats.json",
+        "routing.csv",
+        "task_expert.png",
+        "layer_expert.png",
+    }
+    assert set(json.loads((run / "routing" / "stats.json").read_text())["tasks"]) == {"upper", "reverse"}
+    assert 0 <= result["routing"]["mi_normalized"] <= 1 and result["trainable_params"] > 0
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 40
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_lines = [r for r in lines if r["type"] == "train"]
