@@ -38,3 +38,64 @@ def train_main(argv: list[str] | None = None) -> int:
     else:
         print(f"stopped at step {result['stopped_at']}; continue with --resume")
     return 0
+
+
+def inspect_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="molora-inspect",
+        description="Route a trained run's per-domain eval sets and write RUN/routing (report.md, stats.json, PNGs).",
+    )
+    parser.add_argument("--run", required=True, type=Path, help="a run folder written by molora-train")
+    parser.add_argument("--data", nargs="+", help="JSONL/CSV files to inspect instead of the run's domains")
+    parser.add_argument("--output-dir", type=Path, help="default RUN/routing")
+    parser.add_argument("overrides", nargs="*", help="section.key=value applied to the run's config")
+    args = parser.parse_args(argv)
+    try:
+        if not (args.run / "adapter").is_dir():
+            raise FileNotFoundError(f"{args.run} has no adapter/ (is it a finished molora-train run?)")
+        overrides = list(args.overrides)
+        if args.data:
+            from molora.data import DataConfig, read_user_files
+
+            files = [str(Path(f)) for f in args.data]
+            domains = list(read_user_files(DataConfig(domains=["user"], files=files)))
+            overrides += [f"data.files={files}", f"data.domains={domains}"]
+        config = load_run_config(args.run / "config.yaml", overrides)
+        from molora.training import inspect_run
+
+        stats = inspect_run(config, args.run, args.output_dir or args.run / "routing")
+    except (ValueError, FileNotFoundError) as err:
+        print(f"molora-inspect: error: {err}", file=sys.stderr)
+        return 2
+    agg = stats["aggregate"]
+    print(
+        f"tasks {agg['tasks']}: I(task; expert) {agg['mi_bits']:.3f} bits ({agg['mi_normalized']:.1%} of H(task)), "
+        f"entropy {agg['entropy']:.3f}, load CV {agg['load_cv']:.3f}, dead experts {agg['dead_experts']}"
+    )
+    print(f"wrote {args.output_dir or args.run / 'routing'}")
+    return 0
+
+
+def ablate_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="molora-ablate",
+        description="Run every router (and the rank-1, PEFT LoRA and base-model rows) on the same data and budget.",
+    )
+    parser.add_argument("--config", required=True, type=Path, help="a run config with an `ablation` section")
+    parser.add_argument("--quick", action="store_true", help="merge the config's `quick` overrides into every row")
+    parser.add_argument("--output-dir", type=Path, help="default runs/ablation (runs/ablation-quick with --quick)")
+    args = parser.parse_args(argv)
+    from molora.ablation import run_ablation
+
+    out = args.output_dir or Path("runs") / ("ablation-quick" if args.quick else "ablation")
+    try:
+        rows = run_ablation(args.config, out, quick=args.quick)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"molora-ablate: error: {err}", file=sys.stderr)
+        return 2
+    print((out / "ablation.md").read_text())
+    return 0 if any(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

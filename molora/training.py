@@ -424,3 +424,14 @@ def _finish(
     if world_size > 1:
         dist.barrier()
     return result
+
+
+def inspect_run(config: RunConfig, run_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Reload a finished run's adapter, route its per-domain eval sets, write the routing report."""
+    _, _, device = setup_distributed()
+    base, tokenizer = load_base(config.model.name, task=config.model.task)
+    data = MultiDomainData(config.data, tokenizer)
+    model = MoLoRAModel.from_pretrained(base, Path(run_dir) / "adapter").to(device)
+    recorder = model.record_routing(domains=data.names)
+    evaluate(model, data, config, device, recorder)
+    return write_report(recorder, out_dir, title=f"Routing of {Path(run_dir).name} on {', '.join(data.names)}")

@@ -146,3 +146,27 @@ def test_router_learning_rate_and_bf16_autocast(tiny, tmp_path):
     assert {id(p) for p in groups[1]["params"]} == router_ids
     result = train(config, tmp_path / "bf16")
     assert all(math.isfinite(v["loss"]) for v in result["after"].values())
+
+
+def test_collapse_alarm_counts_consecutive_evaluations_and_low_entropy():
+    from molora.training import CollapseAlarm
+
+    alarm = CollapseAlarm(patience=2, entropy_ratio=0.1)
+    healthy = {"layers": {"l0": {"load": [0.25, 0.25, 0.25, 0.25], "entropy": 1.3}}}
+    dying = {"layers": {"l0": {"load": [0.49, 0.49, 0.01, 0.01], "entropy": 1.0}}}
+    assert alarm.check(dying) == []
+    assert len(alarm.check(dying)) == 2  # experts 2 and 3, second consecutive evaluation
+    assert alarm.check(dying) == []  # reported once per streak
+    assert alarm.check(healthy) == []
+    collapsed = {"layers": {"l0": {"load": [0.3, 0.3, 0.2, 0.2], "entropy": 0.05}}}
+    assert "routing entropy" in alarm.check(collapsed)[0]
+
+
+def test_alarms_reach_the_metrics_log(tiny, tmp_path, capsys):
+    model_dir, data_file = tiny
+    spec = tiny_run_config(model_dir, data_file, steps=4, eval_every=2, alarm_entropy_ratio=1.0)
+    train(RunConfig.from_dict(spec), tmp_path / "run")
+    alarms = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    alarms = [r for r in alarms if r["type"] == "alarm"]
+    assert alarms and {r["step"] for r in alarms} == {0, 2, 4}
+    assert "routing entropy" in alarms[0]["message"] and "ALARM" in capsys.readouterr().out
