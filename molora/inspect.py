@@ -114,6 +114,18 @@ class RoutingRecorder:
         return {"tasks": self.task_names(), "layers": layers, "aggregate": aggregate}
 
 
+def health_summary(recorder: RoutingRecorder) -> dict[str, float]:
+    """Router health for training logs: mean routing entropy and load CV over layers, dead experts summed."""
+    aggregate = recorder.stats()["aggregate"]
+    if "entropy" not in aggregate:
+        return {}
+    return {
+        "router_entropy": aggregate["entropy"],
+        "load_cv": aggregate["load_cv"],
+        "dead_experts": aggregate["dead_experts"],
+    }
+
+
 def mutual_information(joint: torch.Tensor) -> tuple[float, float]:
     """I(task; expert) in bits from an unnormalised joint [T, E], and H(task) in bits."""
     total = joint.sum()

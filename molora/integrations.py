@@ -13,7 +13,7 @@ import torch
 from transformers import Trainer
 
 from molora.data import collate
-from molora.health import RouterHealth
+from molora.inspect import health_summary
 from molora.model import MoLoRAModel
 
 
@@ -58,9 +58,9 @@ class MoLoRATrainer(Trainer):
         molora = _unwrap(model)
         log_now = self.state.global_step % max(1, self.args.logging_steps) == 0
         if log_now:
-            with RouterHealth(molora.base_model) as health:
+            with molora.record_routing() as recorder:
                 outputs = model(**inputs)
-            self._health = health.summary()
+            self._health = health_summary(recorder)
         else:
             outputs = model(**inputs)
         aux = molora.aux_loss()

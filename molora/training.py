@@ -24,8 +24,7 @@ import yaml
 from torch import nn
 
 from molora.data import MultiDomainData
-from molora.health import RouterHealth
-from molora.inspect import RoutingRecorder, write_report
+from molora.inspect import RoutingRecorder, health_summary, write_report
 from molora.model import MoLoRAModel, get_molora_model
 from molora.models import load_base
 from molora.run_config import RunConfig
@@ -326,7 +325,7 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[
     for step in range(start_step, end_step):
         # One optimizer step: grad_accum micro-batches, gradients averaged over ranks.
         logging_step = (step + 1) % tcfg.log_every == 0 or step + 1 == end_step
-        health = RouterHealth(model) if logging_step and routed else None
+        health = model.record_routing() if logging_step and routed else None
         lm_total, aux_total = 0.0, {}
         for micro in range(tcfg.grad_accum):
             index = step * tcfg.grad_accum + micro
@@ -368,7 +367,7 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[
                 "lr": scheduler.get_last_lr()[0],
                 "tokens_per_s": tokens_per_s,
                 "grad_norm": grad_norm,
-                **(health.summary() if health is not None else {}),
+                **(health_summary(health) if health is not None else {}),
             }
             log(record)
             bar.set_postfix(loss=f"{lm_total:.3f}", tok_s=f"{tokens_per_s:.0f}")
