@@ -12,7 +12,7 @@ import contextlib
 import inspect
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +28,6 @@ class RoutingContext:
     past_len: int | None = None
     # Per-layer running state for cached decoding; None outside a decoding session.
     decode_state: dict[str, dict[str, Any]] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _CURRENT: ContextVar[RoutingContext | None] = ContextVar("molora_routing_context", default=None)

@@ -84,8 +84,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        data = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
-        return data
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
