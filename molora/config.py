@@ -14,6 +14,7 @@ from molora.version import __version__
 
 EXPERT_TYPES = ("lora", "rank1")
 INTUITION_POOLINGS = ("causal", "prompt", "mean")
+DISPATCHES = ("auto", "dense", "grouped")
 CONFIG_NAME = "molora_config.json"
 _WARNED_UNKNOWN_KEYS: set[str] = set()
 
@@ -70,6 +71,9 @@ class MoLoRAConfig:
     use_rslora: bool = False
     router: str = "softmax"
     top_k: int | None = None
+    # Sparse routers: "dense" computes every expert and zeroes the unselected gates, "grouped" computes each expert
+    # on its own tokens only; "auto" picks grouped on CPU from E/k >= 16 (bench/bench_dispatch.py), dense elsewhere.
+    dispatch: str = "auto"
     router_temperature: float = 1.0
     router_jitter: float = 0.0
     intuition_pooling: str = "causal"
@@ -132,6 +136,8 @@ class MoLoRAConfig:
             warnings.warn("top_k is ignored by router='softmax' (dense); use router='topk'", stacklevel=3)
         _check_number("router_temperature", self.router_temperature, minimum=0, kind=float, strict=True)
         _check_number("router_jitter", self.router_jitter, minimum=0, kind=float)
+        if self.dispatch not in DISPATCHES:
+            raise ValueError(f"dispatch must be one of {DISPATCHES}, got {self.dispatch!r}")
         if self.intuition_pooling not in INTUITION_POOLINGS:
             raise ValueError(f"intuition_pooling must be one of {INTUITION_POOLINGS}, got {self.intuition_pooling!r}")
         if self.intuition_hidden is not None:

@@ -1,6 +1,11 @@
 """Expert banks stored as stacked tensors; the mixture is two matmuls with the gate applied in between.
 
 forward(x [N, d_in], weights [N, E]) -> scaling-free delta [N, d_out] = sum_e w_e * B_e A_e x.
+
+The layer calls the two halves itself: project() (one matmul with every expert's input side stacked, plus any
+extra rows, such as a router's gate, that read the same input) and mix() (gate the E*r intermediate, then one
+matmul with the output sides stacked, accumulated into the base output by addmm). Both expert types are the same
+computation with r rows per expert (rank-1: r = 1).
 """
 
 from __future__ import annotations
@@ -30,6 +35,74 @@ class Experts(nn.Module):
     def adapter_rank(self) -> int:
         """Rank of the whole mixture (the denominator of alpha/r scaling)."""
         raise NotImplementedError
+
+    @property
+    def rows_per_expert(self) -> int:
+        raise NotImplementedError
+
+    def stacked_in(self) -> torch.Tensor:
+        """Every expert's input side as one [E*r, d_in] matrix."""
+        raise NotImplementedError
+
+    def stacked_out(self) -> torch.Tensor:
+        """Every expert's output side as one [E*r, d_out] matrix."""
+        raise NotImplementedError
+
+    def project(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [N, d_in] -> (the E*r intermediate [N, E*r], x @ extra.T or None) from a single matmul."""
+        weight = self.stacked_in()
+        if extra is None:
+            return F.linear(x, weight), None
+        both = F.linear(x, torch.cat([weight, extra.to(weight.dtype)]))
+        return both[:, : weight.shape[0]], both[:, weight.shape[0] :]
+
+    def mix(
+        self, hidden: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None, inplace: bool = False
+    ) -> torch.Tensor:
+        """sum_e w_e B_e h_e for hidden [N, E*r] and weights [B, L, E] (N = B*L) or [B, 1, E] (one per sequence).
+
+        With `out` [N, d_out] the result is out + mixture from one addmm; with inplace=True it is accumulated into
+        `out` itself (no [N, d_out] temporary, which on CPU is a fresh allocation with its page faults). In place is
+        only for a tensor nothing else reads and that is not a view (autograd would copy the whole base in backward).
+        """
+        batch, num_experts = weights.shape[0], self.num_experts
+        gates = weights.to(hidden.dtype).unsqueeze(-1)
+        gated = (hidden.view(batch, -1, num_experts, self.rows_per_expert) * gates).view(hidden.shape[0], -1)
+        if out is None:
+            return gated @ self.stacked_out()
+        return out.addmm_(gated, self.stacked_out()) if inplace else torch.addmm(out, gated, self.stacked_out())
+
+    def mix_grouped(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        indices: torch.Tensor,
+        out: torch.Tensor | None = None,
+        inplace: bool = False,
+    ) -> torch.Tensor:
+        """The sparse mixture computing only the selected experts, each on its own tokens: x [N, d_in], weights
+        [N, E] (zero outside the selection), indices [N, k]. E small matmuls and a host sync for the counts instead
+        of two matmuls of width E*r; it wins once E/k is large (see bench/bench_dispatch.py)."""
+        num_tokens, top_k = indices.shape
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)
+        token = order // top_k
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        gates = weights.gather(1, indices).reshape(-1)[order].unsqueeze(-1).to(x.dtype)
+        rows = self.rows_per_expert
+        stacked_in = self.stacked_in().view(self.num_experts, rows, -1)
+        stacked_out = self.stacked_out().view(self.num_experts, rows, -1)
+        pieces = [
+            (chunk @ stacked_in[e].T) @ stacked_out[e] for e, chunk in enumerate(x[token].split(counts)) if counts[e]
+        ]
+        mixed = torch.cat(pieces) * gates
+        if out is None:
+            out = x.new_zeros(num_tokens, self.out_features)
+            inplace = True
+        return out.index_add_(0, token, mixed) if inplace else out.index_add(0, token, mixed)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.project(x)[0], weights.unsqueeze(0))
 
 
 class LoRAExperts(Experts):
@@ -66,12 +139,16 @@ class LoRAExperts(Experts):
     def adapter_rank(self) -> int:
         return self.rank
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        num_experts, rank = self.num_experts, self.rank
-        hidden = F.linear(x, self.lora_A.reshape(num_experts * rank, self.in_features))  # [N, E*r]
-        hidden = (hidden.view(-1, num_experts, rank) * weights.to(hidden.dtype).unsqueeze(-1)).flatten(1)
-        stacked_B = self.lora_B.permute(1, 0, 2).reshape(self.out_features, num_experts * rank)
-        return F.linear(hidden, stacked_B)
+    @property
+    def rows_per_expert(self) -> int:
+        return self.rank
+
+    def stacked_in(self) -> torch.Tensor:
+        return self.lora_A.reshape(self.num_experts * self.rank, self.in_features)
+
+    def stacked_out(self) -> torch.Tensor:
+        # [E, d_out, r] -> [E*r, d_out]: a copy of E*r*d_out numbers per call, small next to the activations.
+        return self.lora_B.transpose(1, 2).reshape(self.num_experts * self.rank, self.out_features)
 
     def delta_weight(self, expert: int) -> torch.Tensor:
         return self.lora_B[expert] @ self.lora_A[expert]
@@ -109,9 +186,15 @@ class Rank1Experts(Experts):
         # The mixture of E rank-1 experts is a rank-E adapter, so it is scaled as one.
         return self.num_experts
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        hidden = F.linear(x, self.u) * weights.to(x.dtype)  # [N, E]
-        return hidden @ self.v
+    @property
+    def rows_per_expert(self) -> int:
+        return 1
+
+    def stacked_in(self) -> torch.Tensor:
+        return self.u
+
+    def stacked_out(self) -> torch.Tensor:
+        return self.v
 
     def delta_weight(self, expert: int) -> torch.Tensor:
         return torch.outer(self.v[expert], self.u[expert])

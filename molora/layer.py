@@ -24,6 +24,13 @@ def align_batch(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     raise ValueError(f"{what} has batch size {tensor.shape[0]}, but the model input has batch size {batch}")
 
 
+def per_sequence(weights: torch.Tensor) -> torch.Tensor:
+    """[B, 1, E] when the [B, L, E] weights are one gate per sequence broadcast along L, else the weights."""
+    if weights.shape[1] > 1 and weights.stride(1) == 0:
+        return weights[:, :1]
+    return weights
+
+
 class MoLoRALinear(nn.Module):
     def __init__(
         self,
@@ -36,6 +43,7 @@ class MoLoRALinear(nn.Module):
         dropout: float = 0.0,
         role: str = "self",
         aux_loss_names: tuple[str, ...] = (),
+        dispatch: str = "auto",
     ):
         super().__init__()
         if role not in ROLES:
@@ -48,6 +56,7 @@ class MoLoRALinear(nn.Module):
         self.role = role
         self.layer_name = name
         self.aux_loss_names = tuple(aux_loss_names)
+        self.dispatch = dispatch
         self.aux_terms: dict[str, torch.Tensor] | None = None
         self.disable_depth = 0
 
@@ -100,30 +109,116 @@ class MoLoRALinear(nn.Module):
         state = None if ctx.decode_state is None else ctx.decode_state.setdefault(self.layer_name, {})
         return RouterInputs(token_mask, task_ids, prompt_mask, past_len, state)
 
-    def route(self, x: torch.Tensor) -> tuple[RouterOutput, torch.Tensor | None]:
-        """Router output [B, L, E] for x [B, L, d_in] ([N, d_in] is one sequence) and its token mask."""
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 3 else x.reshape(1, -1, x.shape[-1])
+    def routing_context(self, x3: torch.Tensor) -> RouterInputs:
         ctx = current_context()
         if ctx is None and in_backward():
             raise RuntimeError(
                 "a MoLoRA layer is being recomputed by gradient checkpointing without its routing context (masks, "
                 "task ids): enable checkpointing through MoLoRAModel.gradient_checkpointing_enable()"
             )
-        inputs = self.routing_inputs(ctx, x3.shape[0], x3.shape[1])
+        return self.routing_inputs(ctx, x3.shape[0], x3.shape[1])
+
+    def route(self, x: torch.Tensor) -> tuple[RouterOutput, torch.Tensor | None]:
+        """Router output [B, L, E] for x [B, L, d_in] ([N, d_in] is one sequence) and its token mask."""
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 3 else x.reshape(1, -1, x.shape[-1])
+        inputs = self.routing_context(x3)
         return self.router(x3, inputs), inputs.token_mask
 
+    def grouped_dispatch(self, x: torch.Tensor) -> bool:
+        top_k = self.router.top_k
+        if top_k is None or self.dispatch == "dense":
+            return False
+        if self.dispatch == "grouped":
+            return True
+        # Measured crossover (bench/bench_dispatch.py, 4096 tokens, 256 -> 688, r=8, k=2): on 2 CPU cores grouped is
+        # 0.90x dense at E=32 and 0.59x at E=64; on an H100 it stayed slower up to E=128 (launch-bound).
+        return x.device.type == "cpu" and self.experts.num_experts >= 16 * top_k
+
+    def shares_router_matmul(self, x: torch.Tensor, expert_x: torch.Tensor) -> bool:
+        """Whether the router's input projection can ride in the experts' matmul: both must read the same fp32
+        numbers (no dropout or jitter active, no autocast, which would run the router in half precision)."""
+        if self.training and (not isinstance(self.dropout, nn.Identity) or self.router.jitter > 0):
+            return False
+        return (
+            x.dtype == torch.float32
+            and expert_x.dtype == torch.float32
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self.disable_depth > 0:
             self.aux_terms = None
-            return result
-        route, token_mask = self.route(x)
-        self.aux_terms = {name: AUX_LOSSES[name](route, token_mask) for name in self.aux_loss_names}
-        expert_dtype = self.experts_dtype
-        flat_x = self.dropout(x).reshape(-1, x.shape[-1]).to(expert_dtype)
-        weights = route.weights.reshape(-1, route.weights.shape[-1])
-        delta = self.experts(flat_x, weights) * self.scaling
-        return result + delta.to(result.dtype).reshape(result.shape)
+            return self.base_layer(x, *args, **kwargs)
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 3 else x.reshape(1, -1, x.shape[-1])
+        flat_x = x3.reshape(-1, x3.shape[-1])
+        # A 2-D nn.Linear output is a fresh tensor that its backward does not need: the experts add into it in place.
+        plain_linear = type(self.base_layer) is nn.Linear and not args and not kwargs
+        result = self.base_layer(flat_x) if plain_linear else self.base_layer(x, *args, **kwargs)
+        inputs = self.routing_context(x3)
+        expert_x = self.dropout(flat_x).to(self.experts_dtype)
+        projection = self.router.input_projection()
+        if self.grouped_dispatch(flat_x):
+            hidden, route = None, self.router(x3, inputs)
+        elif projection is not None and self.shares_router_matmul(flat_x, expert_x):
+            hidden, projected = self.experts.project(expert_x, projection)
+            route = self.router(x3, inputs, projected=projected.view(*x3.shape[:-1], -1))
+        else:
+            hidden, _ = self.experts.project(expert_x)
+            route = self.router(x3, inputs)
+        self.aux_terms = {name: AUX_LOSSES[name](route, inputs.token_mask) for name in self.aux_loss_names}
+        weights = per_sequence(route.weights) * self.scaling
+        out_shape = (*x.shape[:-1], result.shape[-1])
+        flat_result = result if result.dim() == 2 else result.reshape(-1, result.shape[-1])
+        if hidden is None:  # grouped dispatch
+            flat_weights, indices = (
+                weights.reshape(-1, weights.shape[-1]),
+                route.indices.reshape(-1, route.indices.shape[-1]),
+            )
+            delta = self.experts.mix_grouped(expert_x, flat_weights, indices)
+            return result.view(out_shape) + delta.to(result.dtype).view(out_shape)
+        if flat_result.dtype != hidden.dtype:
+            return result.view(out_shape) + self.experts.mix(hidden, weights).to(result.dtype).view(out_shape)
+        inplace = (
+            plain_linear
+            and flat_result._base is None
+            and not self.base_layer._forward_hooks
+            and not torch.is_autocast_enabled(x.device.type)  # in-place ops are not autocast
+        )
+        return self.experts.mix(hidden, weights, flat_result, inplace=inplace).view(out_shape)
+
+    # Merging ------------------------------------------------------------------------------------------------------
+    def merged_delta(self, expert_weights: torch.Tensor) -> torch.Tensor:
+        """scaling * sum_e w_e B_e A_e as one [d_out, d_in] matrix, for fixed expert weights [E]."""
+        rows = expert_weights.to(self.experts_dtype).repeat_interleave(self.experts.rows_per_expert)
+        return self.scaling * (self.experts.stacked_out() * rows.unsqueeze(-1)).T @ self.experts.stacked_in()
+
+    def fixed_expert_weights(self, task_id: int | None) -> torch.Tensor:
+        """The expert weights [E] when they do not depend on the tokens: the task router's gate for one task."""
+        num_experts = self.experts.num_experts
+        if num_experts == 1:
+            return torch.ones(1, device=self.weight.device)
+        if self.router.name != "task":
+            raise ValueError(
+                f"{self.layer_name}: router {self.router.name!r} weighs the experts per token, so no single matrix "
+                "reproduces it; only router='task' (one gate per task) or a single expert can be merged"
+            )
+        if task_id is None:
+            raise ValueError("merging a task router needs task_id: the gate differs per task")
+        if not 0 <= task_id < self.router.num_tasks:
+            raise ValueError(f"task_id must be in [0, num_tasks={self.router.num_tasks}), got {task_id}")
+        probe = torch.zeros(1, 1, self.in_features, device=self.weight.device)
+        task_ids = torch.tensor([task_id], device=self.weight.device)
+        return self.router(probe, RouterInputs(task_ids=task_ids)).weights[0, 0]
+
+    @torch.no_grad()
+    def merge_into_base(self, task_id: int | None = None) -> nn.Module:
+        """Add the (fixed) mixture to the base weight in place and return the base layer."""
+        delta = self.merged_delta(self.fixed_expert_weights(task_id))
+        weight = self.base_layer.weight
+        if not isinstance(self.base_layer, nn.Linear):  # transformers' Conv1D stores [d_in, d_out]
+            delta = delta.T
+        weight.add_(delta.to(weight.dtype))
+        return self.base_layer
 
     @property
     def experts_dtype(self) -> torch.dtype:

@@ -29,29 +29,43 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1, tensor.shape[-1])
 
 
+def _cached(route: RouterOutput, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Several losses read the same token weights and mean probabilities: compute them once per router output."""
+    if key not in route.cache:
+        route.cache[key] = compute()
+    return route.cache[key]
+
+
 def _token_weights(route: RouterOutput, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """[N, 1] fp32 weights that average over the non-padding tokens."""
-    num_tokens = route.probs.shape[:-1].numel()
-    if token_mask is None:
-        mask = route.probs.new_ones(num_tokens)
-    else:
+    """[N] fp32 weights that average over the non-padding tokens."""
+
+    def compute() -> torch.Tensor:
+        num_tokens = route.probs.shape[:-1].numel()
+        if token_mask is None:
+            return route.probs.new_full((num_tokens,), 1.0 / max(num_tokens, 1))
         mask = token_mask.reshape(num_tokens).to(route.probs.dtype)
-    return (mask / mask.sum().clamp_min(1)).unsqueeze(-1)
+        return mask / mask.sum().clamp_min(1)
+
+    return _cached(route, ("token_weights", id(token_mask)), compute)
 
 
 def _mean_probs(route: RouterOutput, token_mask: torch.Tensor | None) -> torch.Tensor:
-    return (_flat(route.probs) * _token_weights(route, token_mask)).sum(dim=0)
+    return _cached(
+        route, ("mean_probs", id(token_mask)), lambda: _token_weights(route, token_mask) @ _flat(route.probs)
+    )
 
 
 def routed_fraction(route: RouterOutput, token_mask: torch.Tensor | None) -> torch.Tensor:
     """f_e: the fraction of routing slots (tokens x k) sent to each expert; the mean weight for dense routers."""
     per_token = _token_weights(route, token_mask)
     if route.indices is None:
-        return (_flat(route.weights) * per_token).sum(dim=0)
+        if route.weights is route.probs:
+            return _mean_probs(route, token_mask)
+        return per_token @ _flat(route.weights)
     num_experts = route.probs.shape[-1]
     indices = route.indices.reshape(-1, route.indices.shape[-1])
     slots = F.one_hot(indices, num_experts).sum(dim=1).to(per_token.dtype) / indices.shape[-1]
-    return (slots * per_token).sum(dim=0)
+    return per_token @ slots
 
 
 @register_aux_loss("balance")
@@ -64,14 +78,14 @@ def balance_loss(route: RouterOutput, token_mask: torch.Tensor | None = None) ->
 @register_aux_loss("z")
 def z_loss(route: RouterOutput, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE router z-loss: mean of logsumexp(logits)^2, keeps logits small."""
-    lse = torch.logsumexp(_flat(route.logits), dim=-1, keepdim=True)
-    return (lse.square() * _token_weights(route, token_mask)).sum()
+    lse = torch.logsumexp(_flat(route.logits), dim=-1)
+    return _token_weights(route, token_mask) @ lse.square()
 
 
 @register_aux_loss("cv")
 def cv_loss(route: RouterOutput, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Shazeer et al.: squared coefficient of variation of expert importance (summed routing weight)."""
-    importance = (_flat(route.weights) * _token_weights(route, token_mask)).sum(dim=0)
+    importance = _token_weights(route, token_mask) @ _flat(route.weights)
     return importance.var(unbiased=False) / importance.mean().square().clamp_min(1e-10)
 
 

@@ -176,6 +176,22 @@ class MoLoRAModel(nn.Module):
             param.requires_grad_(self._saved_requires_grad.get(name, param.requires_grad))
         return model
 
+    def merge_and_unload(self, task_id: int | None = None) -> nn.Module:
+        """The plain base model with the mixture written into its weights, for deployment at base-model speed.
+
+        Only token-independent routing can be merged: router='task' for one task (task_id), or single experts.
+        The mixture is checked for every layer before any weight changes.
+        """
+        layers = [layer for _, layer in molora_layers(self.base_model)]
+        for layer in layers:
+            layer.fixed_expert_weights(task_id)
+        was_training = self.training
+        self.eval()
+        for layer in layers:
+            layer.merge_into_base(task_id)
+        self.train(was_training)
+        return self.unload()
+
     # Parameters -------------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -196,6 +196,7 @@ def inject(model: nn.Module, config: MoLoRAConfig) -> InjectionReport:
             dropout=config.dropout,
             role=role,
             aux_loss_names=tuple(config.aux_losses),
+            dispatch=config.dispatch,
         )
         layers.append((name, layer))
         shown_rank = rank if config.expert_type == "lora" else None

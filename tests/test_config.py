@@ -31,6 +31,7 @@ BAD_CONFIGS = [
     ("router_temperature", dict(router_temperature=0.0)),
     ("router_jitter", dict(router_jitter=-0.1)),
     ("intuition_pooling", dict(intuition_pooling="max")),
+    ("dispatch", dict(dispatch="scatter")),
     ("intuition_hidden", dict(intuition_hidden=1)),
     ("num_tasks", dict(router="task")),
     ("num_tasks", dict(router="task", num_tasks=0)),

@@ -1,0 +1,298 @@
+"""Speed and memory of molora next to PEFT LoRA and the frozen base, measured side by side in one process.
+
+    python bench/bench_speed.py            # reference Llama config + SmolLM2-135M, about 20 min on 2 CPU cores
+    python bench/bench_speed.py --quick    # smaller batches, fewer steps: under 3 min
+
+Every variant is built once, warmed up, then the variants take turns (the order rotates every round), so a slow
+moment of the machine hits all of them alike; the table shows medians and ratios to the frozen base and to PEFT
+LoRA at the same number of trainable parameters (r = E * r). Peak memory is measured in a fresh process per
+variant: on CPU the peak resident memory a train step adds over the loaded model (VmHWM after the steps minus the
+resident size before them), on CUDA the peak allocated memory over the loaded model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.variants import NUM_TASKS, Variant, build, default_variants, make_step
+from molora.utils import atomic_write_text
+
+# The issue's reference config: random-init Llama, hidden 256 x 4 layers, batch 8 x 512.
+REFERENCE = dict(
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    intermediate_size=688,
+    vocab_size=1024,
+    max_position_embeddings=512,
+)
+SHAPES = {  # model -> (batch, seq) full, (batch, seq) quick
+    "reference": ((8, 512), (4, 256)),
+    "smollm2-135m": ((4, 128), (2, 64)),
+}
+# (variant, peer, metric, limit): variant's metric <= limit * peer's; "loop" is the other way round (a speed-up).
+TARGETS = [
+    ("lora-softmax", "peft-r64", "train_ms", 1.00),
+    ("lora-softmax", "peft-r64", "memory_mb", 1.05),
+    ("lora-topk", "peft-r64", "train_ms", 1.00),
+    ("rank1-softmax", "peft-r8", "train_ms", 1.05),
+    ("lora-intuition", "peft-r64", "train_ms", 1.05),
+    ("lora-task", "peft-r64", "train_ms", 1.05),
+    ("lora-task-merged", "base", "forward_ms", 1.02),
+    ("loop-softmax", "lora-softmax", "train_ms", -4.0),  # negative: the variant must be >= 4x slower than the peer
+]
+
+
+def load_base(model_name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if model_name == "reference":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(**REFERENCE))
+    from molora.models import load_base as load_named
+
+    return load_named(model_name)[0]
+
+
+def make_batch(model: torch.nn.Module, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def call_batch(variant: Variant, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    out = {k: v.to(device) for k, v in batch.items()}
+    if variant.needs_task_ids:
+        out["task_ids"] = torch.arange(batch["input_ids"].shape[0]) % NUM_TASKS
+    return out
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, batch, device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn(batch)
+    synchronize(device)
+    return (time.perf_counter() - start) * 1000
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def measure_speed(model_name, variants, shape, steps, warmup, device) -> dict[str, dict]:
+    base = load_base(model_name).to(device)
+    batch = make_batch(base, *shape, device)
+    built = {}
+    for variant in variants:
+        model = build(variant, base).to(device)
+        train, forward = make_step(model, variant)
+        built[variant.name] = (variant, train, forward, call_batch(variant, batch, device))
+        results = {"params": trainable_parameters(model) if variant.kind != "base" else 0}
+        built[variant.name] += (results,)
+    names = list(built)
+    times = {name: {"train_ms": [], "forward_ms": []} for name in names}
+    gc.collect()
+    gc.disable()
+    try:
+        for round_ in range(warmup + steps):
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]
+            for name in order:
+                variant, train, forward, call, _ = built[name]
+                if variant.trains:
+                    t = timed(train, call, device)
+                    if round_ >= warmup:
+                        times[name]["train_ms"].append(t)
+                t = timed(forward, call, device)
+                if round_ >= warmup:
+                    times[name]["forward_ms"].append(t)
+            gc.collect()
+            print(f"  round {round_ + 1}/{warmup + steps}", file=sys.stderr, flush=True)
+    finally:
+        gc.enable()
+    out = {}
+    for name in names:
+        result = dict(built[name][4])
+        for metric, values in times[name].items():
+            result[metric] = statistics.median(values) if values else None
+            result[f"{metric}_all"] = [round(v, 2) for v in values]
+        out[name] = result
+    return out
+
+
+def _proc_kib(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def memory_child(model_name: str, variant_name: str, shape: tuple[int, int], device: torch.device) -> dict:
+    """Peak memory of 3 train steps of one variant, measured in this (fresh) process."""
+    variant = next(v for v in default_variants() if v.name == variant_name)
+    base = load_base(model_name).to(device)
+    model = build(variant, base).to(device)
+    train, forward = make_step(model, variant)
+    call = call_batch(variant, make_batch(base, *shape, device), device)
+    step = train if variant.trains else forward
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        for _ in range(3):
+            step(call)
+        synchronize(device)
+        return {"memory_mb": (torch.cuda.max_memory_allocated(device) - before) / 2**20, "loaded_mb": before / 2**20}
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident size (VmHWM) to the current size
+    before = _proc_kib("VmRSS")
+    for _ in range(3):
+        step(call)
+    return {"memory_mb": (_proc_kib("VmHWM") - before) / 1024, "loaded_mb": before / 1024}
+
+
+def measure_memory(model_name, variants, shape, device) -> dict[str, dict]:
+    out = {}
+    for variant in variants:
+        command = [sys.executable, __file__, "--memory-child", variant.name, "--models", model_name]
+        command += ["--shape", str(shape[0]), str(shape[1]), "--device", str(device)]
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory measurement of {variant.name} failed:\n{proc.stderr[-2000:]}")
+        out[variant.name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  memory {variant.name}: {out[variant.name]['memory_mb']:.0f} MB", file=sys.stderr, flush=True)
+    return out
+
+
+def ratio(results: dict[str, dict], name: str, peer: str, metric: str) -> float | None:
+    """name's metric over peer's: the median of the per-round ratios for timings (both ran in the same round, so
+    a slow moment of the machine cancels out), the plain ratio for memory."""
+    if name not in results or peer not in results:
+        return None
+    mine, theirs = results[name].get(f"{metric}_all"), results[peer].get(f"{metric}_all")
+    if mine and theirs:
+        return statistics.median(a / b for a, b in zip(mine, theirs, strict=True))
+    value, reference = results[name].get(metric), results[peer].get(metric)
+    return value / reference if value is not None and reference else None
+
+
+def check_targets(results: dict[str, dict]) -> list[dict]:
+    checks = []
+    for name, peer, metric, limit in TARGETS:
+        value = ratio(results, name, peer, metric)
+        if value is None:
+            continue
+        ok = value >= -limit if limit < 0 else value <= limit
+        bound = f">= {-limit:.2f}x" if limit < 0 else f"<= {limit:.2f}x"
+        checks.append(dict(variant=name, peer=peer, metric=metric, ratio=round(value, 3), target=bound, met=ok))
+    return checks
+
+
+def format_table(results: dict[str, dict], peer: str) -> str:
+    header = f"{'variant':<18}{'params':>11}{'train ms':>10}{'x base':>8}{'x ' + peer:>11}"
+    header += f"{'fwd ms':>9}{'x base':>8}{'mem MB':>9}{'x ' + peer:>11}"
+    lines = [header, "-" * len(header)]
+
+    def show(name: str, other: str, metric: str) -> str:
+        value = ratio(results, name, other, metric)
+        return "-" if value is None else f"{value:.2f}"
+
+    for name, r in results.items():
+        train, fwd, mem = r.get("train_ms"), r.get("forward_ms"), r.get("memory_mb")
+        line = f"{name:<18}{r.get('params', 0):>11,}"
+        line += f"{train:>10.0f}" if train else f"{'-':>10}"
+        line += f"{show(name, 'base', 'train_ms'):>8}{show(name, peer, 'train_ms'):>11}"
+        line += f"{fwd:>9.0f}" if fwd else f"{'-':>9}"
+        line += f"{show(name, 'base', 'forward_ms'):>8}"
+        line += f"{mem:>9.0f}" if mem is not None else f"{'-':>9}"
+        line += f"{show(name, peer, 'memory_mb'):>11}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--quick", action="store_true", help="smaller batches and fewer rounds (< 3 min on CPU)")
+    parser.add_argument("--steps", type=int, help="timed rounds (default 10, quick 10)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", help="only these variants (default: all)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurements")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_speed.json"))
+    parser.add_argument("--shape", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+
+    if args.memory_child:
+        print(json.dumps(memory_child(args.models[0], args.memory_child, tuple(args.shape), device)))
+        return 0
+
+    variants = default_variants()
+    if args.variants:
+        unknown = sorted(set(args.variants) - {v.name for v in variants})
+        if unknown:
+            parser.error(f"unknown variants {unknown}; known: {[v.name for v in variants]}")
+        variants = [v for v in variants if v.name in args.variants]
+    steps = args.steps or 10
+    report = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "device": str(device),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "torch": torch.__version__,
+        },
+        "steps": steps,
+        "warmup": args.warmup,
+        "models": {},
+    }
+    for model_name in args.models:
+        shape = SHAPES[model_name][1 if args.quick else 0]
+        print(
+            f"{model_name}: batch {shape[0]} x {shape[1]}, {steps} rounds after {args.warmup} warm-up", file=sys.stderr
+        )
+        started = time.perf_counter()
+        results = measure_speed(model_name, variants, shape, steps, args.warmup, device)
+        if not args.no_memory:
+            for name, memory in measure_memory(model_name, variants, shape, device).items():
+                results[name].update(memory)
+        checks = check_targets(results)
+        report["models"][model_name] = {
+            "shape": list(shape),
+            "config": REFERENCE if model_name == "reference" else model_name,
+            "seconds": round(time.perf_counter() - started, 1),
+            "variants": results,
+            "targets": checks,
+        }
+        print(f"\n## {model_name} (batch {shape[0]} x {shape[1]}, {device}, median of {steps})")
+        print(format_table(results, "peft-r64"))
+        for check in checks:
+            mark = "ok  " if check["met"] else "MISS"
+            pair = f"{check['variant']} / {check['peer']} {check['metric']}"
+            print(f"{mark} {pair}: {check['ratio']:.3f} ({check['target']})")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
