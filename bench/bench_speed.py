@@ -1,7 +1,7 @@
 """Speed and memory of molora next to PEFT LoRA and the frozen base, measured side by side in one process.
 
     python bench/bench_speed.py            # reference Llama config + SmolLM2-135M, about 20 min on 2 CPU cores
-    python bench/bench_speed.py --quick    # smaller batches, fewer steps: under 3 min
+    python bench/bench_speed.py --quick    # reference config at batch 4 x 256, the variants the targets name: ~2 min
 
 Every variant is built once, warmed up, then the variants take turns (the order rotates every round), so a slow
 moment of the machine hits all of them alike; the table shows medians and ratios to the frozen base and to PEFT
@@ -44,6 +44,11 @@ SHAPES = {  # model -> (batch, seq) full, (batch, seq) quick
     "reference": ((8, 512), (4, 256)),
     "smollm2-135m": ((4, 128), (2, 64)),
 }
+QUICK_VARIANTS = [
+    "base", "peft-r8", "peft-r64", "lora-softmax", "lora-topk", "lora-intuition", "lora-task", "rank1-softmax",
+    "loop-softmax", "lora-task-merged",
+]  # fmt: skip
+QUICK_MEMORY = ["base", "peft-r64", "lora-softmax"]
 # (variant, peer, metric, limit): variant's metric <= limit * peer's; "loop" is the other way round (a speed-up).
 TARGETS = [
     ("lora-softmax", "peft-r64", "train_ms", 1.00),
@@ -226,8 +231,8 @@ def format_table(results: dict[str, dict], peer: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--quick", action="store_true", help="smaller batches and fewer rounds (< 3 min on CPU)")
+    parser.add_argument("--models", nargs="+", choices=list(SHAPES), help="default: all (quick: reference)")
+    parser.add_argument("--quick", action="store_true", help="reference model, smaller batch, fewer variants")
     parser.add_argument("--steps", type=int, help="timed rounds (default 10, quick 10)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--variants", nargs="+", help="only these variants (default: all)")
@@ -243,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_child(args.models[0], args.memory_child, tuple(args.shape), device)))
         return 0
 
+    models = args.models or (["reference"] if args.quick else list(SHAPES))
     variants = default_variants()
+    if args.quick and not args.variants:
+        variants = [v for v in variants if v.name in QUICK_VARIANTS]
     if args.variants:
         unknown = sorted(set(args.variants) - {v.name for v in variants})
         if unknown:
@@ -263,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "models": {},
     }
-    for model_name in args.models:
+    for model_name in models:
         shape = SHAPES[model_name][1 if args.quick else 0]
         print(
             f"{model_name}: batch {shape[0]} x {shape[1]}, {steps} rounds after {args.warmup} warm-up", file=sys.stderr
@@ -271,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         results = measure_speed(model_name, variants, shape, steps, args.warmup, device)
         if not args.no_memory:
-            for name, memory in measure_memory(model_name, variants, shape, device).items():
+            measured = [v for v in variants if v.name in QUICK_MEMORY] if args.quick else variants
+            for name, memory in measure_memory(model_name, measured, shape, device).items():
                 results[name].update(memory)
         checks = check_targets(results)
         report["models"][model_name] = {

@@ -12,7 +12,7 @@ import contextlib
 import inspect
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +28,9 @@ class RoutingContext:
     past_len: int | None = None
     # Per-layer running state for cached decoding; None outside a decoding session.
     decode_state: dict[str, dict[str, Any]] | None = None
+    # Token masks derived from a mask above, shared by the layers of one forward (one tensor, so the aux losses of
+    # all layers can be stacked): {mask field: (source mask, {(batch, length): bool mask})}.
+    token_masks: dict[str, tuple[torch.Tensor, dict[tuple[int, int], torch.Tensor]]] = field(default_factory=dict)
 
 
 _CURRENT: ContextVar[RoutingContext | None] = ContextVar("molora_routing_context", default=None)

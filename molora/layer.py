@@ -7,7 +7,6 @@ from torch import nn
 
 from molora.context import RoutingContext, current_context, in_backward
 from molora.experts import Experts
-from molora.losses import AUX_LOSSES
 from molora.routers import Router, RouterInputs, RouterOutput
 
 # Where a layer sits decides which attention mask describes its input tokens and how its router may pool:
@@ -57,7 +56,9 @@ class MoLoRALinear(nn.Module):
         self.layer_name = name
         self.aux_loss_names = tuple(aux_loss_names)
         self.dispatch = dispatch
-        self.aux_terms: dict[str, torch.Tensor] | None = None
+        # (router output, token mask) of the last forward, for the aux losses (MoLoRAModel computes them for all
+        # layers at once); None when there are no aux losses or the adapters were disabled.
+        self.last_route: tuple[RouterOutput, torch.Tensor | None] | None = None
         self.disable_depth = 0
 
     # Look like the wrapped layer to code that reads its attributes.
@@ -86,18 +87,24 @@ class MoLoRALinear(nn.Module):
     def routing_inputs(self, ctx: RoutingContext | None, batch: int, length: int) -> RouterInputs:
         if ctx is None:
             return RouterInputs()
-        mask = ctx.decoder_attention_mask if self.role == "decoder" else ctx.attention_mask
+        mask_field = "decoder_attention_mask" if self.role == "decoder" else "attention_mask"
+        mask = getattr(ctx, mask_field)
         past_len = 0
         if self.role in ("self", "decoder") and ctx.past_len is not None:
             past_len = ctx.past_len
         token_mask = None
         if mask is not None:
-            mask = align_batch(mask, batch, "attention_mask")
             if mask.shape[1] < length:
                 raise ValueError(f"attention_mask covers {mask.shape[1]} positions, the input has {length}")
             if self.role in ("self", "decoder") and ctx.past_len is None:
                 past_len = mask.shape[1] - length
-            token_mask = mask[:, -length:].bool()
+            source, derived = ctx.token_masks.get(mask_field, (None, {}))
+            if source is not mask:
+                derived = {}
+                ctx.token_masks[mask_field] = (mask, derived)
+            token_mask = derived.get((batch, length))
+            if token_mask is None:
+                token_mask = derived[(batch, length)] = align_batch(mask, batch, "attention_mask")[:, -length:].bool()
         prompt_mask = None
         if ctx.prompt_mask is not None and self.role != "decoder":
             prompt_mask = align_batch(ctx.prompt_mask, batch, "prompt_mask").bool()
@@ -147,7 +154,7 @@ class MoLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_depth > 0:
-            self.aux_terms = None
+            self.last_route = None
             return self.base_layer(x, *args, **kwargs)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 3 else x.reshape(1, -1, x.shape[-1])
         flat_x = x3.reshape(-1, x3.shape[-1])
@@ -165,7 +172,7 @@ class MoLoRALinear(nn.Module):
         else:
             hidden, _ = self.experts.project(expert_x)
             route = self.router(x3, inputs)
-        self.aux_terms = {name: AUX_LOSSES[name](route, inputs.token_mask) for name in self.aux_loss_names}
+        self.last_route = (route, inputs.token_mask) if self.aux_loss_names else None
         weights = per_sequence(route.weights) * self.scaling
         out_shape = (*x.shape[:-1], result.shape[-1])
         flat_result = result if result.dim() == 2 else result.reshape(-1, result.shape[-1])

@@ -15,6 +15,7 @@ from molora.config import CONFIG_NAME, MoLoRAConfig
 from molora.context import MaskCapture, RoutingContext, checkpoint_context_fn, current_context, routing_context
 from molora.inspect import RoutingRecorder
 from molora.layer import MoLoRALinear
+from molora.losses import layer_aux_terms
 from molora.patcher import InjectionReport, inject, molora_layers, unload
 from molora.utils import atomic_write
 
@@ -130,16 +131,26 @@ class MoLoRAModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)
 
     # Aux losses -------------------------------------------------------------------------------------------------
+    def _layer_aux_terms(self) -> list[tuple[str, dict[str, torch.Tensor]]]:
+        """Per layer {loss: value} of the last forward, computed once (stacked across layers) and then reused."""
+        layers = [(name, layer) for name, layer in molora_layers(self.base_model) if layer.last_route is not None]
+        entries = [layer.last_route for _, layer in layers]
+        terms = [route.cache.get("aux_terms") for route, _ in entries]
+        if any(t is None for t in terms):
+            terms = layer_aux_terms(entries, tuple(self.molora_config.aux_losses))
+            for (route, _), layer_terms in zip(entries, terms, strict=True):
+                route.cache["aux_terms"] = layer_terms
+        return [(name, layer_terms) for (name, _), layer_terms in zip(layers, terms, strict=True)]
+
     def aux_loss_terms(self, per_layer: bool = False) -> dict[str, Any]:
         """{loss name: mean over layers} of the last forward; per_layer=True gives {layer: {loss name: value}}."""
-        layers = [(n, m) for n, m in molora_layers(self.base_model) if m.aux_terms is not None]
+        layers = self._layer_aux_terms()
         if per_layer:
-            return {name: dict(layer.aux_terms) for name, layer in layers}
+            return {name: dict(terms) for name, terms in layers}
         if not layers:
             return {}
         return {
-            loss: torch.stack([layer.aux_terms[loss] for _, layer in layers]).mean()
-            for loss in self.molora_config.aux_losses
+            loss: torch.stack([terms[loss] for _, terms in layers]).mean() for loss in self.molora_config.aux_losses
         }
 
     def aux_loss(self) -> torch.Tensor:

@@ -89,3 +89,23 @@ def test_balance_properties_for_any_routing(tokens, num_experts, top_k, scale, s
     if top_k is not None:
         assert ((route.weights > 0).sum(-1) <= top_k).all()
         assert torch.allclose(route.weights.sum(-1), torch.ones(1, tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_stacked_layers_give_the_same_terms_and_gradients_as_one_layer_at_a_time(top_k):
+    from molora.losses import layer_aux_terms
+
+    torch.manual_seed(0)
+    logits = [torch.randn(2, 5, 4, requires_grad=True) for _ in range(3)]
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    names = ("balance", "z", "cv", "entropy")
+    stacked = layer_aux_terms([(route_from_logits(lg, top_k), mask) for lg in logits], names)
+    assert len(stacked) == 3
+    for lg, terms in zip(logits, stacked, strict=True):
+        route = route_from_logits(lg, top_k)
+        for name in names:
+            expected = AUX_LOSSES[name](route, mask)
+            assert terms[name].item() == pytest.approx(expected.item(), abs=1e-6)
+            (g_stacked,) = torch.autograd.grad(terms[name], lg, retain_graph=True)
+            (g_alone,) = torch.autograd.grad(expected, lg, retain_graph=True)
+            assert torch.allclose(g_stacked, g_alone, atol=1e-6)
