@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--forward", action="store_true", help="profile the forward-only call instead")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--sort", help="key_averages column (default: self CUDA time on CUDA, self CPU time on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     with profile(activities=activities) as prof:
         for _ in range(args.steps):
             step(batch)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = args.sort or ("self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total")
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows))
     return 0
 

@@ -54,7 +54,8 @@ class Experts(nn.Module):
         if extra is None:
             return F.linear(x, weight), None
         both = F.linear(x, torch.cat([weight, extra.to(weight.dtype)]))
-        return both[:, : weight.shape[0]], both[:, weight.shape[0] :]
+        hidden, projected = both.split([weight.shape[0], extra.shape[0]], dim=1)  # backward: one cat, not two pads
+        return hidden, projected
 
     def mix(
         self, hidden: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None, inplace: bool = False

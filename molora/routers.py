@@ -6,6 +6,7 @@ state) to a RouterOutput whose tensors are [B, L, E] and always fp32, whatever t
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -112,7 +113,9 @@ class Router(nn.Module):
     ) -> RouterOutput:
         """x [B, L, d_in]; `projected` [B, L, k] = x @ input_projection().T when the caller computed it already."""
         inputs = inputs or RouterInputs()
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        # fp32 routing under autocast; entering the context only when autocast is on saves its cost per layer.
+        autocast = torch.is_autocast_enabled(x.device.type)
+        with torch.autocast(device_type=x.device.type, enabled=False) if autocast else contextlib.nullcontext():
             if projected is None:
                 x = x.float()
                 if self.training and self.jitter > 0:
