@@ -48,7 +48,11 @@ def default_variants() -> list[Variant]:
         variants += [
             Variant(f"{expert_type}-{router}", "molora", router=router, expert_type=expert_type) for router in ROUTERS
         ]
-    variants += [Variant("loop-softmax", "loop"), Variant("lora-task-merged", "merged", router="task")]
+    variants += [
+        Variant("loop-blog", "loop"),
+        Variant("loop-accumulate", "loop", options={"stack": False}),
+        Variant("lora-task-merged", "merged", router="task"),
+    ]
     return variants
 
 
@@ -69,9 +73,13 @@ def molora_config(variant: Variant) -> MoLoRAConfig:
 
 
 class BlogStyleMoELinear(nn.Module):
-    """The loop over experts that tutorials write: one A/B pair of nn.Linear per expert, outputs summed."""
+    """The mixture as tutorials write it: one A/B pair of nn.Linear per expert, a Python loop over them.
 
-    def __init__(self, base_layer: nn.Linear, num_experts: int, rank: int, alpha: float):
+    stack=True (the usual blog form): the E expert outputs are stacked into [..., E, d_out] and summed with the
+    gates; stack=False: a more careful loop that accumulates gate * output expert by expert.
+    """
+
+    def __init__(self, base_layer: nn.Linear, num_experts: int, rank: int, alpha: float, stack: bool = True):
         super().__init__()
         self.base_layer = base_layer
         d_in, d_out = base_layer.in_features, base_layer.out_features
@@ -81,20 +89,26 @@ class BlogStyleMoELinear(nn.Module):
         for b in self.experts_B:
             nn.init.zeros_(b.weight)
         self.scaling = alpha / rank
+        self.stack = stack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = F.softmax(self.gate(x), dim=-1)
+        experts = zip(self.experts_A, self.experts_B, strict=True)
+        if self.stack:
+            outputs = torch.stack([b(a(x)) for a, b in experts], dim=-2)  # [..., E, d_out]
+            return self.base_layer(x) + (weights.unsqueeze(-1) * outputs).sum(dim=-2) * self.scaling
         out = self.base_layer(x)
-        for e, (a, b) in enumerate(zip(self.experts_A, self.experts_B, strict=True)):
+        for e, (a, b) in enumerate(experts):
             out = out + weights[..., e : e + 1] * b(a(x)) * self.scaling
         return out
 
 
-def inject_blog_style(model: nn.Module) -> nn.Module:
+def inject_blog_style(model: nn.Module, stack: bool) -> nn.Module:
     for name, module in list(model.named_modules()):
         if name.rsplit(".", 1)[-1] in TARGETS and isinstance(module, nn.Linear):
             parent = model.get_submodule(name.rsplit(".", 1)[0])
-            setattr(parent, name.rsplit(".", 1)[1], BlogStyleMoELinear(module, NUM_EXPERTS, RANK, 2 * RANK))
+            layer = BlogStyleMoELinear(module, NUM_EXPERTS, RANK, 2 * RANK, stack=stack)
+            setattr(parent, name.rsplit(".", 1)[1], layer)
     return model
 
 
@@ -120,7 +134,7 @@ def build(variant: Variant, base: nn.Module) -> nn.Module:
         config = LoraConfig(r=variant.rank, lora_alpha=2 * variant.rank, target_modules=TARGETS, lora_dropout=0.0)
         return get_peft_model(model, config)
     if variant.kind == "loop":
-        return inject_blog_style(model)
+        return inject_blog_style(model, stack=variant.options.get("stack", True))
     if variant.kind == "molora":
         return get_molora_model(model, molora_config(variant))
     raise ValueError(f"unknown variant kind {variant.kind!r}")
