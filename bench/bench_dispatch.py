@@ -25,19 +25,7 @@ from molora.utils import atomic_write_text
 
 
 def grouped_mix(experts: LoRAExperts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """sum over the k selected experts of w_e B_e A_e x, computing each expert on its own tokens only."""
-    num_tokens, top_k = indices.shape
-    flat = indices.reshape(-1)
-    order = flat.argsort(stable=True)
-    token = order // top_k
-    counts = torch.bincount(flat, minlength=experts.num_experts).tolist()
-    gates = weights.gather(1, indices).reshape(-1)[order].unsqueeze(-1)
-    pieces = []
-    for e, rows in enumerate(x[token].split(counts)):
-        if counts[e]:
-            pieces.append((rows @ experts.lora_A[e].T) @ experts.lora_B[e].T)
-    out = torch.zeros(num_tokens, experts.out_features, dtype=x.dtype, device=x.device)
-    return out.index_add(0, token, torch.cat(pieces) * gates)
+    return experts.mix_grouped(x, weights, indices)
 
 
 def dense_mix(experts: LoRAExperts, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
