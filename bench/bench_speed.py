@@ -92,6 +92,10 @@ def synchronize(device: torch.device) -> None:
 
 
 def timed(fn, batch, device) -> float:
+    """Milliseconds of one call; a step's mode switch (model.train()/eval()) happens before the clock starts."""
+    if hasattr(fn, "prepare"):
+        fn.prepare()
+        fn = fn.timed
     synchronize(device)
     start = time.perf_counter()
     fn(batch)

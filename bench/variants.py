@@ -141,13 +141,14 @@ def build(variant: Variant, base: nn.Module) -> nn.Module:
 
 
 def make_step(model: nn.Module, variant: Variant) -> tuple[Callable[[dict], None], Callable[[dict], None]]:
-    """(train step, forward-only call) for the variant: loss (+ aux loss) backward and AdamW, or one eval forward."""
+    """(train step, forward-only call) for the variant: loss (+ aux loss) backward and AdamW, or one eval forward.
+
+    Each sets the model's mode first, outside the part that is timed (`.timed`)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable and variant.kind != "base" else None
     aux = getattr(model, "aux_loss", None) if variant.kind == "molora" else None
 
-    def train(batch: dict) -> None:
-        model.train()
+    def train_step(batch: dict) -> None:
         loss = model(**batch).loss
         if aux is not None:
             loss = loss + aux()
@@ -156,9 +157,18 @@ def make_step(model: nn.Module, variant: Variant) -> tuple[Callable[[dict], None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    def forward(batch: dict) -> None:
-        model.eval()
+    def forward_step(batch: dict) -> None:
         with torch.inference_mode():
             model(**{k: v for k, v in batch.items() if k != "labels"})
 
+    def train(batch: dict) -> None:
+        model.train()
+        train_step(batch)
+
+    def forward(batch: dict) -> None:
+        model.eval()
+        forward_step(batch)
+
+    train.prepare, train.timed = model.train, train_step
+    forward.prepare, forward.timed = model.eval, forward_step
     return train, forward

@@ -41,6 +41,7 @@ class MoLoRAModel(nn.Module):
         self._saved_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         self.injection_report: InjectionReport = inject(model, config)
         self.base_model = model
+        self._layers: tuple[tuple[str, MoLoRALinear], ...] | None = None
         self._mask_captures = [
             MaskCapture(
                 {"attention_mask": "attention_mask", "decoder_attention_mask": "decoder_attention_mask"},
@@ -133,7 +134,9 @@ class MoLoRAModel(nn.Module):
     # Aux losses -------------------------------------------------------------------------------------------------
     def _layer_aux_terms(self) -> list[tuple[str, dict[str, torch.Tensor]]]:
         """Per layer {loss: value} of the last forward, computed once (stacked across layers) and then reused."""
-        layers = [(name, layer) for name, layer in molora_layers(self.base_model) if layer.last_route is not None]
+        if self._layers is None:  # the injected layers do not change: walk the module tree once
+            self._layers = tuple(molora_layers(self.base_model))
+        layers = [(name, layer) for name, layer in self._layers if layer.last_route is not None]
         entries = [layer.last_route for _, layer in layers]
         terms = [route.cache.get("aux_terms") for route, _ in entries]
         if any(t is None for t in terms):
@@ -182,6 +185,7 @@ class MoLoRAModel(nn.Module):
         """The original modules back, adapters dropped, hooks removed, requires_grad as before injection."""
         for capture in self._mask_captures:
             capture.remove()
+        self._layers = None
         model = unload(self.base_model)
         for name, param in model.named_parameters():
             param.requires_grad_(self._saved_requires_grad.get(name, param.requires_grad))
