@@ -163,10 +163,17 @@ class MoLoRALinear(nn.Module):
         result = self.base_layer(flat_x) if plain_linear else self.base_layer(x, *args, **kwargs)
         inputs = self.routing_context(x3)
         expert_x = self.dropout(flat_x).to(self.experts_dtype)
-        projection = self.router.input_projection()
+        out_shape = (*x.shape[:-1], result.shape[-1])
         if self.grouped_dispatch(flat_x):
-            hidden, route = None, self.router(x3, inputs)
-        elif projection is not None and self.shares_router_matmul(flat_x, expert_x):
+            route = self.router(x3, inputs)
+            self.last_route = (route, inputs.token_mask) if self.aux_loss_names else None
+            # [N, E] per token (a per-sequence gate is expanded here): grouped dispatch sorts tokens, not sequences
+            flat_weights = route.weights.reshape(-1, route.weights.shape[-1]) * self.scaling
+            indices = route.indices.reshape(-1, route.indices.shape[-1])
+            delta = self.experts.mix_grouped(expert_x, flat_weights, indices)
+            return result.view(out_shape) + delta.to(result.dtype).view(out_shape)
+        projection = self.router.input_projection()
+        if projection is not None and self.shares_router_matmul(flat_x, expert_x):
             hidden, projected = self.experts.project(expert_x, projection)
             route = self.router(x3, inputs, projected=projected.view(*x3.shape[:-1], -1))
         else:
@@ -174,15 +181,7 @@ class MoLoRALinear(nn.Module):
             route = self.router(x3, inputs)
         self.last_route = (route, inputs.token_mask) if self.aux_loss_names else None
         weights = per_sequence(route.weights) * self.scaling
-        out_shape = (*x.shape[:-1], result.shape[-1])
         flat_result = result if result.dim() == 2 else result.reshape(-1, result.shape[-1])
-        if hidden is None:  # grouped dispatch
-            flat_weights, indices = (
-                weights.reshape(-1, weights.shape[-1]),
-                route.indices.reshape(-1, route.indices.shape[-1]),
-            )
-            delta = self.experts.mix_grouped(expert_x, flat_weights, indices)
-            return result.view(out_shape) + delta.to(result.dtype).view(out_shape)
         if flat_result.dtype != hidden.dtype:
             return result.view(out_shape) + self.experts.mix(hidden, weights).to(result.dtype).view(out_shape)
         inplace = (

@@ -124,10 +124,12 @@ def test_intuition_pooling_after_projection_matches_pooling_first(pooling):
     compare(make_layer("linear", "intuition", "lora", intuition_pooling=pooling), "intuition")
 
 
-@pytest.mark.parametrize("router", ["topk", "switch"])
+@pytest.mark.parametrize("router", ["topk", "switch", "task"])
 @pytest.mark.parametrize("expert_type", EXPERT_TYPES)
 def test_grouped_dispatch_matches_reference(router, expert_type):
-    layer = make_layer("linear", router, expert_type, dispatch="grouped")
+    # the task router with top_k gives one sparse gate per sequence (broadcast along the tokens)
+    top_k = {"task": 2}.get(router)
+    layer = make_layer("linear", router, expert_type, dispatch="grouped", **({"top_k": top_k} if top_k else {}))
     assert layer.grouped_dispatch(torch.zeros(1, D_IN))
     compare(layer.train(), router)
 
