@@ -73,7 +73,7 @@ def load_base(model_name: str) -> torch.nn.Module:
     return load_named(model_name)[0]
 
 
-def make_batch(model: torch.nn.Module, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
+def make_batch(model: torch.nn.Module, batch: int, seq: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=generator)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -109,14 +109,13 @@ def trainable_parameters(model: torch.nn.Module) -> int:
 
 def measure_speed(model_name, variants, shape, steps, warmup, device) -> dict[str, dict]:
     base = load_base(model_name).to(device)
-    batch = make_batch(base, *shape, device)
-    built = {}
+    batch = make_batch(base, *shape)
+    built, params = {}, {}
     for variant in variants:
         model = build(variant, base).to(device)
         train, forward = make_step(model, variant)
         built[variant.name] = (variant, train, forward, call_batch(variant, batch, device))
-        results = {"params": trainable_parameters(model) if variant.kind != "base" else 0}
-        built[variant.name] += (results,)
+        params[variant.name] = trainable_parameters(model) if variant.kind != "base" else 0
     names = list(built)
     times = {name: {"train_ms": [], "forward_ms": []} for name in names}
     gc.collect()
@@ -125,7 +124,7 @@ def measure_speed(model_name, variants, shape, steps, warmup, device) -> dict[st
         for round_ in range(warmup + steps):
             order = names[round_ % len(names) :] + names[: round_ % len(names)]
             for name in order:
-                variant, train, forward, call, _ = built[name]
+                variant, train, forward, call = built[name]
                 if variant.trains:
                     t = timed(train, call, device)
                     if round_ >= warmup:
@@ -139,7 +138,7 @@ def measure_speed(model_name, variants, shape, steps, warmup, device) -> dict[st
         gc.enable()
     out = {}
     for name in names:
-        result = dict(built[name][4])
+        result = {"params": params[name]}
         for metric, values in times[name].items():
             result[metric] = statistics.median(values) if values else None
             result[f"{metric}_all"] = [round(v, 2) for v in values]
@@ -157,7 +156,7 @@ def memory_child(model_name: str, variant_name: str, shape: tuple[int, int], dev
     base = load_base(model_name).to(device)
     model = build(variant, base).to(device)
     train, forward = make_step(model, variant)
-    call = call_batch(variant, make_batch(base, *shape, device), device)
+    call = call_batch(variant, make_batch(base, *shape), device)
     step = train if variant.trains else forward
     gc.collect()
     if device.type == "cuda":

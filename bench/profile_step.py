@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build(variant, base).to(device)
     train, forward = make_step(model, variant)
     step = forward if args.forward or not variant.trains else train
-    batch = call_batch(variant, make_batch(base, *SHAPES[args.model][1 if args.quick else 0], device), device)
+    batch = call_batch(variant, make_batch(base, *SHAPES[args.model][1 if args.quick else 0]), device)
     step(batch)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:

@@ -73,14 +73,7 @@ class Experts(nn.Module):
             return gated @ self.stacked_out()
         return out.addmm_(gated, self.stacked_out()) if inplace else torch.addmm(out, gated, self.stacked_out())
 
-    def mix_grouped(
-        self,
-        x: torch.Tensor,
-        weights: torch.Tensor,
-        indices: torch.Tensor,
-        out: torch.Tensor | None = None,
-        inplace: bool = False,
-    ) -> torch.Tensor:
+    def mix_grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The sparse mixture computing only the selected experts, each on its own tokens: x [N, d_in], weights
         [N, E] (zero outside the selection), indices [N, k]. E small matmuls and a host sync for the counts instead
         of two matmuls of width E*r; it wins once E/k is large (see bench/bench_dispatch.py)."""
@@ -96,11 +89,7 @@ class Experts(nn.Module):
         pieces = [
             (chunk @ stacked_in[e].T) @ stacked_out[e] for e, chunk in enumerate(x[token].split(counts)) if counts[e]
         ]
-        mixed = torch.cat(pieces) * gates
-        if out is None:
-            out = x.new_zeros(num_tokens, self.out_features)
-            inplace = True
-        return out.index_add_(0, token, mixed) if inplace else out.index_add(0, token, mixed)
+        return x.new_zeros(num_tokens, self.out_features).index_add_(0, token, torch.cat(pieces) * gates)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.mix(self.project(x)[0], weights.unsqueeze(0))

@@ -125,12 +125,6 @@ class MoLoRALinear(nn.Module):
             )
         return self.routing_inputs(ctx, x3.shape[0], x3.shape[1])
 
-    def route(self, x: torch.Tensor) -> tuple[RouterOutput, torch.Tensor | None]:
-        """Router output [B, L, E] for x [B, L, d_in] ([N, d_in] is one sequence) and its token mask."""
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 3 else x.reshape(1, -1, x.shape[-1])
-        inputs = self.routing_context(x3)
-        return self.router(x3, inputs), inputs.token_mask
-
     def grouped_dispatch(self, x: torch.Tensor) -> bool:
         top_k = self.router.top_k
         if top_k is None or self.dispatch == "dense":

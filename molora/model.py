@@ -41,7 +41,7 @@ class MoLoRAModel(nn.Module):
         self._saved_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         self.injection_report: InjectionReport = inject(model, config)
         self.base_model = model
-        self._layers: tuple[tuple[str, MoLoRALinear], ...] | None = None
+        self._layers: tuple[tuple[str, MoLoRALinear], ...] = tuple(molora_layers(model))  # fixed once injected
         self._mask_captures = [
             MaskCapture(
                 {"attention_mask": "attention_mask", "decoder_attention_mask": "decoder_attention_mask"},
@@ -134,8 +134,6 @@ class MoLoRAModel(nn.Module):
     # Aux losses -------------------------------------------------------------------------------------------------
     def _layer_aux_terms(self) -> list[tuple[str, dict[str, torch.Tensor]]]:
         """Per layer {loss: value} of the last forward, computed once (stacked across layers) and then reused."""
-        if self._layers is None:  # the injected layers do not change: walk the module tree once
-            self._layers = tuple(molora_layers(self.base_model))
         layers = [(name, layer) for name, layer in self._layers if layer.last_route is not None]
         entries = [layer.last_route for _, layer in layers]
         terms = [route.cache.get("aux_terms") for route, _ in entries]
@@ -172,7 +170,7 @@ class MoLoRAModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
         """Run exactly the base model inside the block; nestable, restored on exception."""
-        layers = [m for _, m in molora_layers(self.base_model)]
+        layers = [m for _, m in self._layers]
         for layer in layers:
             layer.disable_depth += 1
         try:
@@ -185,7 +183,7 @@ class MoLoRAModel(nn.Module):
         """The original modules back, adapters dropped, hooks removed, requires_grad as before injection."""
         for capture in self._mask_captures:
             capture.remove()
-        self._layers = None
+        self._layers = ()
         model = unload(self.base_model)
         for name, param in model.named_parameters():
             param.requires_grad_(self._saved_requires_grad.get(name, param.requires_grad))
@@ -197,7 +195,7 @@ class MoLoRAModel(nn.Module):
         Only token-independent routing can be merged: router='task' for one task (task_id), or single experts.
         The mixture is checked for every layer before any weight changes.
         """
-        layers = [layer for _, layer in molora_layers(self.base_model)]
+        layers = [layer for _, layer in self._layers]
         for layer in layers:
             layer.fixed_expert_weights(task_id)
         was_training = self.training
@@ -219,7 +217,7 @@ class MoLoRAModel(nn.Module):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Expert and router tensors only, keyed by their names in the base model."""
         state = {}
-        for name, layer in molora_layers(self.base_model):
+        for name, layer in self._layers:
             for part in ("experts", "router"):
                 for key, value in getattr(layer, part).state_dict().items():
                     state[f"{name}.{part}.{key}"] = value
