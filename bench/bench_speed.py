@@ -7,7 +7,9 @@ Every variant is built once, warmed up, then the variants take turns (the order 
 moment of the machine hits all of them alike; the table shows medians and ratios to the frozen base and to PEFT
 LoRA at the same number of trainable parameters (r = E * r). Peak memory is measured in a fresh process per
 variant: on CPU the peak resident memory a train step adds over the loaded model (VmHWM after the steps minus the
-resident size before them), on CUDA the peak allocated memory over the loaded model.
+resident size before them), on CUDA the peak allocated memory over the loaded model. On CPU the table also
+shows the minor page faults of a train step (fresh memory the allocator took from the kernel): they are part of the
+cost and the main source of run-to-run noise here (glibc hands large freed blocks back and faults them in again).
 """
 
 from __future__ import annotations
@@ -103,6 +105,15 @@ def timed(fn, batch, device) -> float:
     return (time.perf_counter() - start) * 1000
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where getrusage is missing)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -118,6 +129,7 @@ def measure_speed(model_name, variants, shape, steps, warmup, device) -> dict[st
         params[variant.name] = trainable_parameters(model) if variant.kind != "base" else 0
     names = list(built)
     times = {name: {"train_ms": [], "forward_ms": []} for name in names}
+    faults = {name: [] for name in names}
     gc.collect()
     gc.disable()
     try:
@@ -126,9 +138,11 @@ def measure_speed(model_name, variants, shape, steps, warmup, device) -> dict[st
             for name in order:
                 variant, train, forward, call = built[name]
                 if variant.trains:
+                    before = minor_faults()
                     t = timed(train, call, device)
                     if round_ >= warmup:
                         times[name]["train_ms"].append(t)
+                        faults[name].append(minor_faults() - before)
                 t = timed(forward, call, device)
                 if round_ >= warmup:
                     times[name]["forward_ms"].append(t)
@@ -142,6 +156,8 @@ def measure_speed(model_name, variants, shape, steps, warmup, device) -> dict[st
         for metric, values in times[name].items():
             result[metric] = statistics.median(values) if values else None
             result[f"{metric}_all"] = [round(v, 2) for v in values]
+        if device.type == "cpu" and faults[name]:
+            result["train_faults"] = statistics.median(faults[name])
         out[name] = result
     return out
 
@@ -198,6 +214,15 @@ def ratio(results: dict[str, dict], name: str, peer: str, metric: str) -> float 
     return value / reference if value is not None and reference else None
 
 
+def ratio_quartiles(results: dict[str, dict], name: str, peer: str, metric: str) -> tuple[float, float] | None:
+    """The 25% and 75% points of the per-round ratios: how far one run's median could move."""
+    mine, theirs = results.get(name, {}).get(f"{metric}_all"), results.get(peer, {}).get(f"{metric}_all")
+    if not mine or not theirs or len(mine) < 4:
+        return None
+    q1, _, q3 = statistics.quantiles([a / b for a, b in zip(mine, theirs, strict=True)], n=4)
+    return q1, q3
+
+
 def check_targets(results: dict[str, dict]) -> list[dict]:
     checks = []
     for name, peer, metric, limit in TARGETS:
@@ -206,13 +231,17 @@ def check_targets(results: dict[str, dict]) -> list[dict]:
             continue
         ok = value >= -limit if limit < 0 else value <= limit
         bound = f">= {-limit:.2f}x" if limit < 0 else f"<= {limit:.2f}x"
-        checks.append(dict(variant=name, peer=peer, metric=metric, ratio=round(value, 3), target=bound, met=ok))
+        check = dict(variant=name, peer=peer, metric=metric, ratio=round(value, 3), target=bound, met=ok)
+        quartiles = ratio_quartiles(results, name, peer, metric)
+        if quartiles:
+            check["quartiles"] = [round(q, 3) for q in quartiles]
+        checks.append(check)
     return checks
 
 
 def format_table(results: dict[str, dict], peer: str) -> str:
     header = f"{'variant':<18}{'params':>11}{'train ms':>10}{'x base':>8}{'x ' + peer:>11}"
-    header += f"{'fwd ms':>9}{'x base':>8}{'mem MB':>9}{'x ' + peer:>11}"
+    header += f"{'fwd ms':>9}{'x base':>8}{'mem MB':>9}{'x ' + peer:>11}{'faults':>9}"
     lines = [header, "-" * len(header)]
 
     def show(name: str, other: str, metric: str) -> str:
@@ -228,6 +257,7 @@ def format_table(results: dict[str, dict], peer: str) -> str:
         line += f"{show(name, 'base', 'forward_ms'):>8}"
         line += f"{mem:>9.0f}" if mem is not None else f"{'-':>9}"
         line += f"{show(name, peer, 'memory_mb'):>11}"
+        line += f"{r['train_faults']:>9.0f}" if r.get("train_faults") is not None else f"{'-':>9}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -298,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         for check in checks:
             mark = "ok  " if check["met"] else "MISS"
             pair = f"{check['variant']} / {check['peer']} {check['metric']}"
-            print(f"{mark} {pair}: {check['ratio']:.3f} ({check['target']})")
+            spread = " rounds 25-75%: {:.3f}-{:.3f}".format(*check["quartiles"]) if "quartiles" in check else ""
+            print(f"{mark} {pair}: {check['ratio']:.3f} ({check['target']}){spread}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -1,0 +1,126 @@
+"""The speed benchmark compares like with like: same parameter budget, same mixture in the loop baseline, and
+ratios/targets computed as documented."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from bench import bench_speed
+from bench.variants import NUM_EXPERTS, RANK, BlogStyleMoELinear, Variant, build, default_variants, make_step
+from molora import MoLoRAConfig, get_molora_model
+
+pytest.importorskip("peft")
+
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    intermediate_size=48,
+    vocab_size=64,
+    max_position_embeddings=32,
+)
+
+
+def tiny_base() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**TINY))
+
+
+def variant(name: str) -> Variant:
+    return next(v for v in default_variants() if v.name == name)
+
+
+def trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_peft_peer_has_the_experts_parameter_budget():
+    base = tiny_base()
+    molora = build(variant("lora-softmax"), base)
+    peft = build(variant(f"peft-r{NUM_EXPERTS * RANK}"), base)
+    router = sum(layer.router.gate.weight.numel() for _, layer in molora._layers)
+    assert trainable(molora) - router == trainable(peft)
+    assert trainable(build(variant("base"), base)) == 0
+    assert all(not p.requires_grad for p in base.parameters())
+
+
+def test_variants_share_the_frozen_base_weights():
+    base = tiny_base()
+    peft = build(variant("peft-r8"), base)
+    embed = base.get_input_embeddings().weight
+    assert peft.get_input_embeddings().weight is embed
+
+
+def test_blog_loop_computes_the_same_mixture_as_molora():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 10)
+    molora = get_molora_model(
+        torch.nn.Sequential(layer), MoLoRAConfig(target_modules=["0"], num_experts=3, rank=2, alpha=4)
+    )
+    mo = molora.base_model[0]
+    torch.nn.init.normal_(mo.experts.lora_B)
+    torch.nn.init.normal_(mo.router.gate.weight)
+    blog = BlogStyleMoELinear(torch.nn.Linear(12, 10), num_experts=3, rank=2, alpha=4)
+    blog.base_layer.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        blog.gate.weight.copy_(mo.router.gate.weight)
+        for e in range(3):
+            blog.experts_A[e].weight.copy_(mo.experts.lora_A[e])
+            blog.experts_B[e].weight.copy_(mo.experts.lora_B[e])
+    x = torch.randn(2, 5, 12)
+    expected = molora(x)
+    torch.testing.assert_close(blog(x), expected, atol=1e-5, rtol=1e-5)
+    blog.stack = False
+    torch.testing.assert_close(blog(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_train_step_updates_only_the_adapter():
+    base = tiny_base()
+    v = variant("lora-topk")
+    model = build(v, base)
+    train, _ = make_step(model, v)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = bench_speed.make_batch(base, 2, 8)
+    for _ in range(2):  # B starts at zero: the first step moves B, the second also A and the router
+        train(batch)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(model.get_parameter(n).requires_grad for n in changed)
+    assert any("lora_A" in n for n in changed) and any("router" in n for n in changed)
+
+
+def test_measure_speed_records_medians_faults_and_paired_rounds(monkeypatch):
+    monkeypatch.setattr(bench_speed, "REFERENCE", TINY)
+    names = ["base", "peft-r8", "lora-softmax", "lora-task", "loop-blog", "lora-task-merged"]
+    results = bench_speed.measure_speed(
+        "reference", [variant(n) for n in names], (2, 8), steps=2, warmup=1, device=torch.device("cpu")
+    )
+    assert list(results) == names
+    for name in names:
+        r = results[name]
+        assert len(r["forward_ms_all"]) == 2 and r["forward_ms"] > 0
+        if name == "lora-task-merged":
+            assert r["train_ms"] is None
+        else:
+            assert len(r["train_ms_all"]) == 2 and r["train_faults"] >= 0
+    assert results["base"]["params"] == 0 and results["lora-softmax"]["params"] > results["peft-r8"]["params"]
+
+
+def test_ratio_is_the_median_of_paired_rounds_and_targets_read_both_ways():
+    results = {
+        "peft-r64": {"train_ms_all": [100, 200, 100, 100], "train_ms": 100},
+        "lora-softmax": {"train_ms_all": [90, 220, 110, 95], "train_ms": 102.5},
+        "loop-blog": {"train_ms_all": [500, 900, 450, 300], "train_ms": 475},
+    }
+    # per-round ratios 0.9, 1.1, 1.1, 0.95 -> median 1.025 (the ratio of medians would be 1.025 too, by chance)
+    assert bench_speed.ratio(results, "lora-softmax", "peft-r64", "train_ms") == pytest.approx(1.025)
+    q1, q3 = bench_speed.ratio_quartiles(results, "lora-softmax", "peft-r64", "train_ms")
+    assert q1 == pytest.approx(0.9125) and q3 == pytest.approx(1.1)
+    checks = {(c["variant"], c["metric"]): c for c in bench_speed.check_targets(results)}
+    assert checks[("lora-softmax", "train_ms")]["met"] is False  # 1.025 > 1.00
+    # loop / molora per round: 5.56, 4.09, 4.09, 3.16 -> median 4.09 >= 4
+    assert checks[("loop-blog", "train_ms")]["ratio"] == pytest.approx(4.091, abs=1e-3)
+    assert checks[("loop-blog", "train_ms")]["met"] is True
+    assert ("lora-topk", "train_ms") not in checks  # no figures, no verdict
