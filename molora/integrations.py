@@ -64,15 +64,15 @@ class MoLoRATrainer(Trainer):
         else:
             outputs = model(**inputs)
         aux = molora.aux_loss()
-        for name, value in molora.aux_loss_terms().items():
-            self._aux_sums[name] = self._aux_sums.get(name, 0.0) + float(value)
+        for name, value in molora.aux_loss_terms().items():  # summed on the device: no host sync per step
+            self._aux_sums[name] = self._aux_sums.get(name, 0.0) + value.detach()
         self._aux_count += 1
         loss = outputs.loss + aux
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._aux_count and "loss" in logs:
-            logs.update({f"aux/{k}": v / self._aux_count for k, v in self._aux_sums.items()})
+            logs.update({f"aux/{k}": float(v) / self._aux_count for k, v in self._aux_sums.items()})
             logs.update(self._health)
             self._aux_sums, self._aux_count = {}, 0
         super().log(logs, *args, **kwargs)

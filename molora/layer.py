@@ -174,7 +174,8 @@ class MoLoRALinear(nn.Module):
             hidden, _ = self.experts.project(expert_x)
             route = self.router(x3, inputs)
         self.last_route = (route, inputs.token_mask) if self.aux_loss_names else None
-        weights = per_sequence(route.weights) * self.scaling
+        # Contiguous: the CPU softmax leaves an expert-major layout, which the [N, E*r] gating reads ~1.5x slower.
+        weights = (per_sequence(route.weights) * self.scaling).contiguous()
         flat_result = result if result.dim() == 2 else result.reshape(-1, result.shape[-1])
         if flat_result.dtype != hidden.dtype:
             return result.view(out_shape) + self.experts.mix(hidden, weights).to(result.dtype).view(out_shape)

@@ -9,9 +9,9 @@ ops per forward instead of per layer (on CPU at small batches and on GPU, where 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cached_property
 
 import torch
-import torch.nn.functional as F
 
 from molora.routers import RouterOutput
 
@@ -74,10 +74,12 @@ def routed_fraction(route: RouterOutput, token_mask: torch.Tensor | None) -> tor
         if route.weights is route.probs:
             return _mean_probs(route, token_mask)
         return per_token @ _flat(route.weights)
-    num_experts = route.probs.shape[-1]
+    # Each token's weight / k added to its k experts: a scatter into [..., E], no [..., N, k, E] one-hot.
     indices = _flat(route.indices)
-    slots = F.one_hot(indices, num_experts).sum(dim=-2).to(per_token.dtype) / indices.shape[-1]
-    return per_token @ slots
+    lead, top_k = indices.shape[:-2], indices.shape[-1]
+    slot_weights = (per_token / top_k).unsqueeze(-1).expand(indices.shape).reshape(*lead, -1)
+    counts = per_token.new_zeros(*lead, route.probs.shape[-1])
+    return counts.scatter_add_(-1, indices.reshape(*lead, -1), slot_weights)
 
 
 @register_aux_loss("balance", stackable=True)
@@ -108,15 +110,35 @@ def entropy_loss(route: RouterOutput, token_mask: torch.Tensor | None = None) ->
     return (mean_probs * mean_probs.clamp_min(1e-12).log()).sum(-1)
 
 
-def _stack(routes: list[RouterOutput]) -> RouterOutput:
-    dense = all(r.weights is r.probs for r in routes)
-    probs = torch.stack([r.probs for r in routes])
-    return RouterOutput(
-        logits=torch.stack([r.logits for r in routes]),
-        probs=probs,
-        weights=probs if dense else torch.stack([r.weights for r in routes]),
-        indices=None if routes[0].indices is None else torch.stack([r.indices for r in routes]),
-    )
+class StackedRoutes:
+    """The router outputs of several layers stacked in front ([G, B, L, E]); what a stackable loss receives.
+
+    Each field is stacked on first use, so the losses asked for pay only for the tensors they read (balance + z on
+    a top-k router never stack the weights)."""
+
+    def __init__(self, routes: list[RouterOutput]):
+        self.routes = routes
+        self.cache: dict = {}
+
+    @cached_property
+    def logits(self) -> torch.Tensor:
+        return torch.stack([r.logits for r in self.routes])
+
+    @cached_property
+    def probs(self) -> torch.Tensor:
+        return torch.stack([r.probs for r in self.routes])
+
+    @cached_property
+    def weights(self) -> torch.Tensor:
+        if all(r.weights is r.probs for r in self.routes):
+            return self.probs
+        return torch.stack([r.weights for r in self.routes])
+
+    @cached_property
+    def indices(self) -> torch.Tensor | None:
+        if self.routes[0].indices is None:
+            return None
+        return torch.stack([r.indices for r in self.routes])
 
 
 def layer_aux_terms(
@@ -132,7 +154,7 @@ def layer_aux_terms(
         groups.setdefault(key, []).append(i)
     for members in groups.values():
         mask = entries[members[0]][1]
-        stacked = _stack([entries[i][0] for i in members]) if len(members) > 1 else None
+        stacked = StackedRoutes([entries[i][0] for i in members]) if len(members) > 1 else None
         for name in names:
             if stacked is not None and name in STACKABLE:
                 for i, value in zip(members, AUX_LOSSES[name](stacked, mask).unbind(0), strict=True):

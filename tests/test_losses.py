@@ -109,3 +109,23 @@ def test_stacked_layers_give_the_same_terms_and_gradients_as_one_layer_at_a_time
             (g_stacked,) = torch.autograd.grad(terms[name], lg, retain_graph=True)
             (g_alone,) = torch.autograd.grad(expected, lg, retain_graph=True)
             assert torch.allclose(g_stacked, g_alone, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_routed_fraction_counts_each_tokens_slots_by_hand(top_k):
+    from molora.losses import StackedRoutes, routed_fraction
+
+    torch.manual_seed(1)
+    mask = torch.tensor([[True, True, False, True], [True, False, False, True]])
+    routes = [route_from_logits(torch.randn(2, 4, 5), top_k) for _ in range(2)]
+    expected = []
+    for route in routes:
+        counts = [0.0] * 5
+        for b in range(2):
+            for t in range(4):
+                if mask[b, t]:
+                    for e in route.indices[b, t].tolist():
+                        counts[e] += 1
+        expected.append(torch.tensor(counts) / (int(mask.sum()) * top_k))
+        torch.testing.assert_close(routed_fraction(route, mask), expected[-1])
+    torch.testing.assert_close(routed_fraction(StackedRoutes(routes), mask), torch.stack(expected))
