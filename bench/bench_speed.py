@@ -10,11 +10,15 @@ variant: on CPU the peak resident memory a train step adds over the loaded model
 resident size before them), on CUDA the peak allocated memory over the loaded model. On CPU the table also
 shows the minor page faults of a train step (fresh memory the allocator took from the kernel): they are part of the
 cost and the main source of run-to-run noise here (glibc hands large freed blocks back and faults them in again).
+--steady-alloc keeps freed memory in the process (glibc only) so that no variant pays page faults: the timings then
+compare the computations alone (the memory measurements keep the default allocator).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import gc
 import json
 import os
@@ -112,6 +116,17 @@ def minor_faults() -> int:
     except ImportError:  # not on Windows
         return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def steady_allocator() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the kernel (no mmap for large blocks, no
+    trimming), as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... would; False where that is not available."""
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:
@@ -270,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--variants", nargs="+", help="only these variants (default: all)")
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurements")
+    parser.add_argument(
+        "--steady-alloc", action="store_true", help="keep freed memory in the process (glibc): no page faults in timings"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_speed.json"))
     parser.add_argument("--shape", nargs=2, type=int, help=argparse.SUPPRESS)
@@ -291,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown variants {unknown}; known: {[v.name for v in variants]}")
         variants = [v for v in variants if v.name in args.variants]
     steps = args.steps or 10
+    if args.steady_alloc and (device.type != "cpu" or not steady_allocator()):
+        parser.error("--steady-alloc needs the CPU device and glibc (mallopt)")
     report = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "device": str(device),
@@ -300,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "torch": torch.__version__,
         },
+        "allocator": "steady (no mmap, no trim)" if args.steady_alloc else "default",
         "steps": steps,
         "warmup": args.warmup,
         "models": {},

@@ -3,6 +3,10 @@ ratios/targets computed as documented."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -124,3 +128,35 @@ def test_ratio_is_the_median_of_paired_rounds_and_targets_read_both_ways():
     assert checks[("loop-blog", "train_ms")]["ratio"] == pytest.approx(4.091, abs=1e-3)
     assert checks[("loop-blog", "train_ms")]["met"] is True
     assert ("lora-topk", "train_ms") not in checks  # no figures, no verdict
+
+
+STEADY_PROBE = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+from bench.bench_speed import steady_allocator
+if sys.argv[1] == "steady":
+    assert steady_allocator()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(2):  # warm-up: the heap grows to hold the block
+    torch.ones(64, 2**18)
+before = faults()
+for _ in range(20):
+    torch.ones(64, 2**18)  # 64 MiB, freed at once
+print(faults() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt and getrusage page faults")
+def test_steady_allocator_stops_the_page_faults_of_reallocated_memory(tmp_path):
+    # A 64 MiB block is above glibc's mmap threshold: by default each allocation maps (and faults in) fresh pages,
+    # 16384 4-KiB pages per block; with the steady allocator freed blocks are reused from the heap (which may still
+    # grow a few times while its layout settles).
+    script = tmp_path / "probe.py"
+    script.write_text(STEADY_PROBE.format(root=str(Path(__file__).resolve().parent.parent)))
+    counts = {}
+    for mode in ("default", "steady"):
+        run = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, check=True)
+        counts[mode] = int(run.stdout.strip().splitlines()[-1])
+    assert counts["default"] >= 20 * 16384 * 0.9
+    assert counts["steady"] <= 4 * 16384
