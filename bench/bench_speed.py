@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", help="only these variants (default: all)")
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurements")
     parser.add_argument(
-        "--steady-alloc", action="store_true", help="keep freed memory in the process (glibc): no page faults in timings"
+        "--steady-alloc", action="store_true", help="glibc: keep freed memory, no page faults in timings"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_speed.json"))
