@@ -11,7 +11,8 @@ resident size before them), on CUDA the peak allocated memory over the loaded mo
 shows the minor page faults of a train step (fresh memory the allocator took from the kernel): they are part of the
 cost and the main source of run-to-run noise here (glibc hands large freed blocks back and faults them in again).
 --steady-alloc keeps freed memory in the process (glibc only) so that no variant pays page faults: the timings then
-compare the computations alone (the memory measurements keep the default allocator).
+compare the computations alone (the memory measurements keep the default allocator). --compile runs every
+variant through torch.compile (the warm-up rounds compile); molora layers trace into one graph with the model.
 """
 
 from __future__ import annotations
@@ -133,13 +134,13 @@ def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def measure_speed(model_name, variants, shape, steps, warmup, device) -> dict[str, dict]:
+def measure_speed(model_name, variants, shape, steps, warmup, device, compiled=False) -> dict[str, dict]:
     base = load_base(model_name).to(device)
     batch = make_batch(base, *shape)
     built, params = {}, {}
     for variant in variants:
         model = build(variant, base).to(device)
-        train, forward = make_step(model, variant)
+        train, forward = make_step(torch.compile(model) if compiled else model, variant)
         built[variant.name] = (variant, train, forward, call_batch(variant, batch, device))
         params[variant.name] = trainable_parameters(model) if variant.kind != "base" else 0
     names = list(built)
@@ -181,14 +182,18 @@ def _proc_kib(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
-def memory_child(model_name: str, variant_name: str, shape: tuple[int, int], device: torch.device) -> dict:
+def memory_child(
+    model_name: str, variant_name: str, shape: tuple[int, int], device: torch.device, compiled: bool = False
+) -> dict:
     """Peak memory of 3 train steps of one variant, measured in this (fresh) process."""
     variant = next(v for v in default_variants() if v.name == variant_name)
     base = load_base(model_name).to(device)
     model = build(variant, base).to(device)
-    train, forward = make_step(model, variant)
+    train, forward = make_step(torch.compile(model) if compiled else model, variant)
     call = call_batch(variant, make_batch(base, *shape), device)
     step = train if variant.trains else forward
+    if compiled:
+        step(call)  # compile outside the measurement
     gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -204,11 +209,12 @@ def memory_child(model_name: str, variant_name: str, shape: tuple[int, int], dev
     return {"memory_mb": (_proc_kib("VmHWM") - before) / 1024, "loaded_mb": before / 1024}
 
 
-def measure_memory(model_name, variants, shape, device) -> dict[str, dict]:
+def measure_memory(model_name, variants, shape, device, compiled=False) -> dict[str, dict]:
     out = {}
     for variant in variants:
         command = [sys.executable, __file__, "--memory-child", variant.name, "--models", model_name]
         command += ["--shape", str(shape[0]), str(shape[1]), "--device", str(device)]
+        command += ["--compile"] if compiled else []
         proc = subprocess.run(command, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"memory measurement of {variant.name} failed:\n{proc.stderr[-2000:]}")
@@ -288,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--steady-alloc", action="store_true", help="glibc: keep freed memory, no page faults in timings"
     )
+    parser.add_argument("--compile", action="store_true", help="torch.compile every variant's model (all alike)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_speed.json"))
     parser.add_argument("--shape", nargs=2, type=int, help=argparse.SUPPRESS)
@@ -296,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
 
     if args.memory_child:
-        print(json.dumps(memory_child(args.models[0], args.memory_child, tuple(args.shape), device)))
+        print(json.dumps(memory_child(args.models[0], args.memory_child, tuple(args.shape), device, args.compile)))
         return 0
 
     models = args.models or (["reference"] if args.quick else list(SHAPES))
@@ -320,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "torch": torch.__version__,
         },
+        "compiled": args.compile,
         "allocator": "steady (no mmap, no trim)" if args.steady_alloc else "default",
         "steps": steps,
         "warmup": args.warmup,
@@ -331,10 +339,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{model_name}: batch {shape[0]} x {shape[1]}, {steps} rounds after {args.warmup} warm-up", file=sys.stderr
         )
         started = time.perf_counter()
-        results = measure_speed(model_name, variants, shape, steps, args.warmup, device)
+        results = measure_speed(model_name, variants, shape, steps, args.warmup, device, args.compile)
         if not args.no_memory:
             measured = [v for v in variants if v.name in QUICK_MEMORY] if args.quick else variants
-            for name, memory in measure_memory(model_name, measured, shape, device).items():
+            for name, memory in measure_memory(model_name, measured, shape, device, args.compile).items():
                 results[name].update(memory)
         checks = check_targets(results)
         report["models"][model_name] = {

@@ -1,7 +1,7 @@
 """Per-forward routing context.
 
 Hugging Face forward signatures know nothing about task ids, prompt masks or our decoding state, so these travel
-in a ContextVar that `MoLoRAModel.forward`/`generate` open and that the MoLoRA layers read. Attention masks are
+in a context slot that `MoLoRAModel.forward`/`generate` open and that the MoLoRA layers read. Attention masks are
 filled in by a forward pre-hook on the base model (and on its encoder), so they are right at every generation
 step, including when the raw Hugging Face model is called directly.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +32,37 @@ class RoutingContext:
     token_masks: dict[str, tuple[torch.Tensor, dict[tuple[int, int], torch.Tensor]]] = field(default_factory=dict)
 
 
-_CURRENT: ContextVar[RoutingContext | None] = ContextVar("molora_routing_context", default=None)
+class ContextSlot:
+    """Holds the routing context of the forward in progress.
+
+    A plain attribute rather than a contextvars.ContextVar: torch.compile cannot trace ContextVar.get, which cost a
+    graph break in every MoLoRA layer (17 graphs for a 2-layer model instead of 1); a plain read is traced and guarded
+    like any Python value. What is given up, concurrent forwards of one model in several threads, was not safe before
+    either: each layer keeps the routing of its last forward for the aux losses.
+    """
+
+    def __init__(self) -> None:
+        self.value: RoutingContext | None = None
+
+    def get(self) -> RoutingContext | None:
+        return self.value
+
+    def set(self, ctx: RoutingContext | None) -> SlotToken:
+        """Install ctx; returns the token that reset() takes to put the previous context back."""
+        token = SlotToken(self.value)
+        self.value = ctx
+        return token
+
+    def reset(self, token: SlotToken) -> None:
+        self.value = token.previous
+
+
+class SlotToken:
+    def __init__(self, previous: RoutingContext | None) -> None:
+        self.previous = previous
+
+
+_CURRENT = ContextSlot()
 
 
 def current_context() -> RoutingContext | None:

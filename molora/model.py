@@ -72,7 +72,9 @@ class MoLoRAModel(nn.Module):
         if self.molora_config.router == "task":
             if task_ids is None:
                 raise ValueError("router='task' needs task_ids ([batch] ints) in forward()/generate()")
-            if task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= num_tasks):
+            # (not while torch.compile traces: a data-dependent branch would split the graph)
+            checked = task_ids.numel() and not torch.compiler.is_compiling()
+            if checked and (task_ids.min() < 0 or task_ids.max() >= num_tasks):
                 raise ValueError(f"task_ids must be in [0, num_tasks={num_tasks}), got {task_ids.tolist()}")
         return RoutingContext(
             task_ids=None if task_ids is None else task_ids.to(device),

@@ -8,6 +8,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from molora import MoLoRAConfig, MoLoRALinear, MoLoRAModel, get_molora_model
+from molora.context import current_context
 from tests.conftest import (
     ARCHS,
     EXPERT_TYPES,
@@ -330,6 +331,7 @@ def test_raw_model_calls_get_the_attention_mask_too():
         assert torch.allclose(raw_masked, model.aux_loss_terms()["balance"])
     assert torch.equal(wrapped, raw) and torch.equal(wrapped, positional)
     assert not torch.allclose(unmasked, raw_masked)
+    assert current_context() is None  # the context a raw call opened is closed again
 
 
 def test_task_ids_are_validated():
