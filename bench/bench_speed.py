@@ -47,10 +47,24 @@ REFERENCE = dict(
     vocab_size=1024,
     max_position_embeddings=512,
 )
+# SmolLM2-135M's architecture with random weights: a model size where a GPU computes more than it launches (timing
+# needs no trained weights, so this one needs no model files either).
+SMOLLM2_SHAPE = dict(
+    hidden_size=576,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    intermediate_size=1536,
+    vocab_size=49152,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+)
 SHAPES = {  # model -> (batch, seq) full, (batch, seq) quick
     "reference": ((8, 512), (4, 256)),
     "smollm2-135m": ((4, 128), (2, 64)),
+    "smollm2-shape": ((8, 512), (2, 128)),
 }
+RANDOM_INIT = {"reference": REFERENCE, "smollm2-shape": SMOLLM2_SHAPE}
 QUICK_VARIANTS = [
     "base", "peft-r8", "peft-r64", "lora-softmax", "lora-topk", "lora-intuition", "lora-task", "rank1-softmax",
     "loop-blog", "loop-accumulate", "lora-task-merged",
@@ -71,10 +85,11 @@ TARGETS = [
 
 def load_base(model_name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    if model_name == "reference":
+    if model_name in RANDOM_INIT:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        return LlamaForCausalLM(LlamaConfig(**REFERENCE))
+        config = REFERENCE if model_name == "reference" else RANDOM_INIT[model_name]  # (tests swap REFERENCE)
+        return LlamaForCausalLM(LlamaConfig(**config))
     from molora.models import load_base as load_named
 
     return load_named(model_name)[0]
@@ -285,7 +300,9 @@ def format_table(results: dict[str, dict], peer: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=list(SHAPES), help="default: all (quick: reference)")
+    parser.add_argument(
+        "--models", nargs="+", choices=list(SHAPES), help="default: reference smollm2-135m (quick: reference)"
+    )
     parser.add_argument("--quick", action="store_true", help="reference model, smaller batch, fewer variants")
     parser.add_argument("--steps", type=int, help="timed rounds (default 10, quick 10)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -306,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_child(args.models[0], args.memory_child, tuple(args.shape), device, args.compile)))
         return 0
 
-    models = args.models or (["reference"] if args.quick else list(SHAPES))
+    models = args.models or (["reference"] if args.quick else ["reference", "smollm2-135m"])
     variants = default_variants()
     if args.quick and not args.variants:
         variants = [v for v in variants if v.name in QUICK_VARIANTS]
@@ -347,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         checks = check_targets(results)
         report["models"][model_name] = {
             "shape": list(shape),
-            "config": REFERENCE if model_name == "reference" else model_name,
+            "config": (REFERENCE if model_name == "reference" else RANDOM_INIT.get(model_name)) or model_name,
             "seconds": round(time.perf_counter() - started, 1),
             "variants": results,
             "targets": checks,

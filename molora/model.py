@@ -15,7 +15,7 @@ from molora.config import CONFIG_NAME, MoLoRAConfig
 from molora.context import MaskCapture, RoutingContext, checkpoint_context_fn, current_context, routing_context
 from molora.inspect import RoutingRecorder
 from molora.layer import MoLoRALinear
-from molora.losses import layer_aux_terms
+from molora.losses import aux_term_means, layer_aux_terms
 from molora.patcher import InjectionReport, inject, molora_layers, unload
 from molora.utils import atomic_write
 
@@ -42,6 +42,7 @@ class MoLoRAModel(nn.Module):
         self.injection_report: InjectionReport = inject(model, config)
         self.base_model = model
         self._layers: tuple[tuple[str, MoLoRALinear], ...] = tuple(molora_layers(model))  # fixed once injected
+        self._aux_means: tuple[list, dict[str, torch.Tensor]] | None = None  # (the routes they came from, means)
         self._mask_captures = [
             MaskCapture(
                 {"attention_mask": "attention_mask", "decoder_attention_mask": "decoder_attention_mask"},
@@ -147,14 +148,22 @@ class MoLoRAModel(nn.Module):
 
     def aux_loss_terms(self, per_layer: bool = False) -> dict[str, Any]:
         """{loss name: mean over layers} of the last forward; per_layer=True gives {layer: {loss name: value}}."""
-        layers = self._layer_aux_terms()
         if per_layer:
-            return {name: dict(terms) for name, terms in layers}
-        if not layers:
+            return {name: dict(terms) for name, terms in self._layer_aux_terms()}
+        entries = [layer.last_route for _, layer in self._layers if layer.last_route is not None]
+        if not entries:
             return {}
-        return {
-            loss: torch.stack([terms[loss] for _, terms in layers]).mean() for loss in self.molora_config.aux_losses
-        }
+        # Computed once per forward (aux_loss() and a trainer's logging both ask): keyed on the routes themselves,
+        # since a later forward may replace only some of them (decoder layers during encoder-decoder generation).
+        routes = [route for route, _ in entries]
+        cached = self._aux_means
+        if (
+            cached is None
+            or len(cached[0]) != len(routes)
+            or any(a is not b for a, b in zip(cached[0], routes, strict=True))
+        ):
+            cached = self._aux_means = (routes, aux_term_means(entries, tuple(self.molora_config.aux_losses)))
+        return dict(cached[1])
 
     def aux_loss(self) -> torch.Tensor:
         """The weighted sum of the aux losses of the last forward (differentiable when that forward was)."""

@@ -56,6 +56,11 @@ def softmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.softmax(dim=-1)
 
 
+def broadcast(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """tensor.expand(shape), or the tensor itself when it has that shape already (no view op, no autograd node)."""
+    return tensor if tensor.shape == shape else tensor.expand(shape)
+
+
 def select_experts(
     probs: torch.Tensor, top_k: int | None, renormalize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -129,12 +134,12 @@ class Router(nn.Module):
             probs = softmax(logits)
             weights, indices = select_experts(probs, self.top_k, self.renormalize)
             shape = (*x.shape[:-1], self.num_experts)  # per-sequence gates stay broadcast views (no copies)
-        probs = probs.expand(shape)
+        probs = broadcast(probs, shape)
         return RouterOutput(
-            logits=logits.expand(shape),
+            logits=broadcast(logits, shape),
             probs=probs,
-            weights=probs if indices is None else weights.expand(shape),
-            indices=None if indices is None else indices.expand(*shape[:-1], indices.shape[-1]),
+            weights=probs if indices is None else broadcast(weights, shape),
+            indices=None if indices is None else broadcast(indices, (*shape[:-1], indices.shape[-1])),
         )
 
 

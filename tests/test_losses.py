@@ -111,6 +111,30 @@ def test_stacked_layers_give_the_same_terms_and_gradients_as_one_layer_at_a_time
             assert torch.allclose(g_stacked, g_alone, atol=1e-6)
 
 
+def test_means_over_layers_equal_averaging_each_layer_alone_across_groups():
+    """Stacked groups (two masks, a second shape, a lone layer) summed per group: the means and their gradients must
+    be those of the per-layer losses computed one at a time and averaged."""
+    from molora.losses import aux_term_means
+
+    torch.manual_seed(2)
+    mask_a = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    mask_b = torch.tensor([[True] * 4 + [False], [True] * 5])
+    mask_c = torch.tensor([[True] * 3, [True, True, False]])
+    shapes_masks = [((2, 5, 4), mask_a)] * 3 + [((2, 5, 4), mask_b)] * 2 + [((2, 3, 4), mask_c)]
+    logits = [torch.randn(*shape, requires_grad=True) for shape, _ in shapes_masks]
+    names = ("balance", "z", "cv", "entropy")
+    entries = [(route_from_logits(lg, 2), m) for lg, (_, m) in zip(logits, shapes_masks, strict=True)]
+    means = aux_term_means(entries, names)
+    for name in names:
+        alone = [AUX_LOSSES[name](route_from_logits(lg, 2), m) for lg, (_, m) in zip(logits, shapes_masks, strict=True)]
+        expected = sum(alone) / len(alone)
+        assert means[name].item() == pytest.approx(expected.item(), abs=1e-6)
+        got = torch.autograd.grad(means[name], logits, retain_graph=True)
+        want = torch.autograd.grad(expected, logits)
+        for g, w in zip(got, want, strict=True):
+            assert torch.allclose(g, w, atol=1e-6)
+
+
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 def test_routed_fraction_counts_each_tokens_slots_by_hand(top_k):
     from molora.losses import StackedRoutes, routed_fraction
