@@ -64,7 +64,6 @@ SHAPES = {  # model -> (batch, seq) full, (batch, seq) quick
     "smollm2-135m": ((4, 128), (2, 64)),
     "smollm2-shape": ((8, 512), (2, 128)),
 }
-RANDOM_INIT = {"reference": REFERENCE, "smollm2-shape": SMOLLM2_SHAPE}
 QUICK_VARIANTS = [
     "base", "peft-r8", "peft-r64", "lora-softmax", "lora-topk", "lora-intuition", "lora-task", "rank1-softmax",
     "loop-blog", "loop-accumulate", "lora-task-merged",
@@ -83,12 +82,17 @@ TARGETS = [
 ]
 
 
+def random_init_config(model_name: str) -> dict | None:
+    """The LlamaConfig fields of a model built with random weights; None for a model loaded from files."""
+    return {"reference": REFERENCE, "smollm2-shape": SMOLLM2_SHAPE}.get(model_name)  # read late: tests swap REFERENCE
+
+
 def load_base(model_name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    if model_name in RANDOM_INIT:
+    config = random_init_config(model_name)
+    if config is not None:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = REFERENCE if model_name == "reference" else RANDOM_INIT[model_name]  # (tests swap REFERENCE)
         return LlamaForCausalLM(LlamaConfig(**config))
     from molora.models import load_base as load_named
 
@@ -364,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         checks = check_targets(results)
         report["models"][model_name] = {
             "shape": list(shape),
-            "config": (REFERENCE if model_name == "reference" else RANDOM_INIT.get(model_name)) or model_name,
+            "config": random_init_config(model_name) or model_name,
             "seconds": round(time.perf_counter() - started, 1),
             "variants": results,
             "targets": checks,

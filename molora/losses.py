@@ -141,7 +141,10 @@ class StackedRoutes:
         return torch.stack([r.indices for r in self.routes])
 
 
-def _stack_groups(entries: list[tuple[RouterOutput, torch.Tensor | None]]) -> list[list[int]]:
+Entries = list[tuple[RouterOutput, "torch.Tensor | None"]]
+
+
+def _stack_groups(entries: Entries) -> list[list[int]]:
     """Indices of the entries that can be stacked together: same shapes, dtype, mask and kind of routing."""
     groups: dict[tuple, list[int]] = {}
     for i, (route, mask) in enumerate(entries):
@@ -151,37 +154,27 @@ def _stack_groups(entries: list[tuple[RouterOutput, torch.Tensor | None]]) -> li
     return list(groups.values())
 
 
-Entries = list[tuple[RouterOutput, "torch.Tensor | None"]]
-
-
-def _group_values(
-    entries: Entries, members: list[int], name: str, stacked: StackedRoutes | None
-) -> torch.Tensor | list[torch.Tensor]:
-    """The loss of each member layer: one [G] tensor for a stacked group, else a list of scalars."""
+def _group_values(entries: Entries, members: list[int], name: str, stacked: StackedRoutes | None) -> torch.Tensor:
+    """The loss of each member layer as one [G] tensor: in one go for a stacked group, else layer by layer."""
     mask = entries[members[0]][1]
     if stacked is not None and name in STACKABLE:
         return AUX_LOSSES[name](stacked, mask)
-    return [AUX_LOSSES[name](entries[i][0], mask) for i in members]
+    return torch.stack([AUX_LOSSES[name](entries[i][0], mask) for i in members])
 
 
-def layer_aux_terms(
-    entries: list[tuple[RouterOutput, torch.Tensor | None]], names: tuple[str, ...]
-) -> list[dict[str, torch.Tensor]]:
+def layer_aux_terms(entries: Entries, names: tuple[str, ...]) -> list[dict[str, torch.Tensor]]:
     """{loss: scalar} for each (router output, token mask) of one forward; layers with the same shapes and mask
     are stacked and go through each stackable loss once."""
     terms: list[dict[str, torch.Tensor]] = [{} for _ in entries]
     for members in _stack_groups(entries):
         stacked = StackedRoutes([entries[i][0] for i in members]) if len(members) > 1 else None
         for name in names:
-            values = _group_values(entries, members, name, stacked)
-            for i, value in zip(members, values.unbind(0) if torch.is_tensor(values) else values, strict=True):
+            for i, value in zip(members, _group_values(entries, members, name, stacked).unbind(0), strict=True):
                 terms[i][name] = value
     return terms
 
 
-def aux_term_means(
-    entries: list[tuple[RouterOutput, torch.Tensor | None]], names: tuple[str, ...]
-) -> dict[str, torch.Tensor]:
+def aux_term_means(entries: Entries, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """{loss: mean over layers}, summed straight from the stacked groups: the same numbers as averaging
     layer_aux_terms, without splitting [G] into G scalars and stacking them again (~25 ops per layer, forward and
     backward, which every training step would pay)."""
@@ -189,7 +182,6 @@ def aux_term_means(
     for members in _stack_groups(entries):
         stacked = StackedRoutes([entries[i][0] for i in members]) if len(members) > 1 else None
         for name in names:
-            values = _group_values(entries, members, name, stacked)
-            total = values.sum() if torch.is_tensor(values) else torch.stack(values).sum()
+            total = _group_values(entries, members, name, stacked).sum()
             sums[name] = total if name not in sums else sums[name] + total
     return {name: total / len(entries) for name, total in sums.items()}
