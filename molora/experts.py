@@ -53,9 +53,7 @@ class Experts(nn.Module):
         weight = self.stacked_in()
         if extra is None:
             return F.linear(x, weight), None
-        both = F.linear(x, torch.cat([weight, extra.to(weight.dtype)]))
-        hidden, projected = both.split([weight.shape[0], extra.shape[0]], dim=1)  # backward: one cat, not two pads
-        return hidden, projected
+        return SharedProjection.apply(x, weight, extra.to(weight.dtype))
 
     def mix(
         self,
@@ -66,21 +64,18 @@ class Experts(nn.Module):
         scaling: float = 1.0,
     ) -> torch.Tensor:
         """scaling * sum_e w_e B_e h_e for hidden [N, E*r] and weights [B, L, E] (N = B*L) or [B, 1, E] (one per
-        sequence); the scaling rides in the output matmul (addmm's alpha), not in a multiply of its own.
+        sequence).
 
         With `out` [N, d_out] the result is out + mixture from one addmm; with inplace=True it is accumulated into
         `out` itself (no [N, d_out] temporary, which on CPU is a fresh allocation with its page faults). In place is
         only for a tensor nothing else reads and that is not a view (autograd would copy the whole base in backward).
         """
-        batch, num_experts = weights.shape[0], self.num_experts
-        # Contiguous: the CPU softmax leaves an expert-major layout, which the [N, E*r] gating reads ~1.5x slower.
-        gates = weights.to(hidden.dtype).contiguous().unsqueeze(-1)
-        gated = (hidden.view(batch, -1, num_experts, self.rows_per_expert) * gates).view(hidden.shape[0], -1)
-        if out is None:
-            return (gated @ self.stacked_out()).mul_(scaling) if scaling != 1.0 else gated @ self.stacked_out()
-        if inplace:
-            return out.addmm_(gated, self.stacked_out(), alpha=scaling)
-        return torch.addmm(out, gated, self.stacked_out(), alpha=scaling)
+        if torch.is_autocast_enabled(hidden.device.type):
+            # Autocast casts in a custom forward but not in its backward: plain ops here, which it handles throughout.
+            gates = GatedMix.scaled(weights, hidden.dtype, scaling)
+            gated = (hidden.view(gates.shape[0], -1, gates.shape[2], self.rows_per_expert) * gates).view(hidden.shape)
+            return gated @ self.stacked_out() if out is None else torch.addmm(out, gated, self.stacked_out())
+        return GatedMix.apply(hidden, weights, self.stacked_out(), out, inplace, scaling)
 
     def mix_grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The sparse mixture computing only the selected experts, each on its own tokens: x [N, d_in], weights
@@ -102,6 +97,85 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.mix(self.project(x)[0], weights.unsqueeze(0))
+
+
+class SharedProjection(torch.autograd.Function):
+    """(x @ weight.T, x @ extra.T) from one matmul: the experts' input side and a router's first layer.
+
+    The same computation as linear(x, cat(weight, extra)) split in two, except that the concatenated weight is
+    rebuilt in backward instead of kept for it ((E*r + k) * d_in numbers per layer).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, extra):
+        ctx.save_for_backward(x, weight, extra)
+        return (x @ torch.cat([weight, extra]).T).split([weight.shape[0], extra.shape[0]], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_hidden, grad_projected):
+        x, weight, extra = ctx.saved_tensors
+        grad = torch.cat([grad_hidden, grad_projected], dim=1)
+        grad_x = grad @ torch.cat([weight, extra]) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_extra = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_weight, grad_extra = (grad.T @ x).split([weight.shape[0], extra.shape[0]])
+        return grad_x, grad_weight, grad_extra
+
+
+class GatedMix(torch.autograd.Function):
+    """out + (hidden * scaling * gates) @ stacked_out, for hidden [N, E*r] and gates [B, L or 1, E].
+
+    Autograd would keep the gated [N, E*r] product (for the gradient of the output side) and a contiguous copy of the
+    gates; this keeps hidden and the gates as given (the router keeps them anyway) and recomputes the rest in
+    backward, which saves E*r + E numbers per token and layer: a PEFT LoRA of rank E*r stores r*E per token, and
+    the 1.05x memory budget next to it leaves no room for a second such activation.
+    """
+
+    @staticmethod
+    def scaled(gates: torch.Tensor, dtype: torch.dtype, scaling: float) -> torch.Tensor:
+        """[B, L, E, 1] contiguous: the CPU softmax leaves an expert-major layout, which the [N, E*r] gating reads
+        ~1.5x slower."""
+        scaled = gates.to(dtype).contiguous()
+        if scaling != 1.0:
+            scaled = scaled * scaling if scaled is gates else scaled.mul_(scaling)
+        return scaled.unsqueeze(-1)
+
+    @staticmethod
+    def forward(ctx, hidden, gates, stacked_out, out, inplace, scaling):
+        batch, _, num_experts = gates.shape
+        scaled_gates = GatedMix.scaled(gates, hidden.dtype, scaling)
+        gated = (hidden.view(batch, -1, num_experts, hidden.shape[1] // num_experts) * scaled_gates).view(hidden.shape)
+        if out is None:
+            result = gated @ stacked_out
+        elif inplace:
+            out.addmm_(gated, stacked_out)
+            ctx.mark_dirty(out)
+            result = out  # the input itself: what torch.compile needs of a dirty input
+        else:
+            result = torch.addmm(out, gated, stacked_out)
+        ctx.save_for_backward(hidden, gates, stacked_out)
+        ctx.scaling = scaling
+        return result
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, gates, stacked_out = ctx.saved_tensors
+        batch, _, num_experts = gates.shape
+        hidden4 = hidden.view(batch, -1, num_experts, hidden.shape[1] // num_experts)
+        scaled_gates = GatedMix.scaled(gates, hidden.dtype, ctx.scaling)
+        grad_hidden = grad_gates = grad_out_side = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_gated = (grad @ stacked_out.T).view(hidden4.shape)
+            if ctx.needs_input_grad[0]:
+                grad_hidden = (grad_gated * scaled_gates).view(hidden.shape)
+            if ctx.needs_input_grad[1]:
+                # a sum over each expert's rows (and over the positions when one gate covers a whole sequence)
+                grad_gates = (grad_gated * hidden4).sum_to_size(scaled_gates.shape).squeeze(-1)
+                grad_gates = (grad_gates * ctx.scaling if ctx.scaling != 1.0 else grad_gates).to(gates.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_out_side = (hidden4 * scaled_gates).view(hidden.shape).T @ grad
+        grad_base = grad if ctx.needs_input_grad[3] else None
+        return grad_hidden, grad_gates, grad_out_side, grad_base, None, None
 
 
 class LoRAExperts(Experts):

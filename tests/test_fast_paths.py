@@ -190,3 +190,23 @@ def test_merge_refuses_token_dependent_routing_and_bad_task_ids():
         task_model.merge_and_unload(task_id=7)
     with pytest.raises(ValueError, match="needs task_id"):
         task_model.merge_and_unload()
+
+
+@pytest.mark.parametrize("router", ["softmax", "task"])  # a gate per token and one per sequence
+def test_autocast_mixture_matches_fp32_within_bf16_precision(router):
+    layer = make_layer("linear", router, "lora").train()
+    x, mask, task_ids, prompt_mask = inputs(router)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    with routing_context(RoutingContext(task_ids=task_ids, prompt_mask=prompt_mask, attention_mask=mask)):
+        x_ref = x.clone().requires_grad_(True)
+        ref = layer(x_ref)
+        ref_grads = torch.autograd.grad(ref.sum(), [x_ref, *params])
+        x_bf16 = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x_bf16)
+        grads = torch.autograd.grad(out.float().sum(), [x_bf16, *params])
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 2e-2 * ref.abs().max()
+    for fast, slow in zip(grads, ref_grads, strict=True):
+        assert fast.dtype == slow.dtype
+        assert (fast.float() - slow).abs().max() < 3e-2 * slow.abs().max()

@@ -1,0 +1,73 @@
+"""What a MoLoRA layer keeps for backward, next to a PEFT LoRA of the same rank (E*r): the experts' [N, E*r]
+intermediate once, plus the router's own per-token numbers; no second [N, E*r] activation (the gated product is
+recomputed in backward) and no concatenated weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from molora import MoLoRAConfig
+from molora.context import RoutingContext, routing_context
+from molora.patcher import inject
+
+N_BATCH, N_LEN, D_IN, D_OUT, NUM_EXPERTS, RANK = 4, 64, 48, 40, 4, 16
+
+
+class Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D_IN, D_OUT, bias=False)
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor, **call) -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps from one forward."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x, **call).sum().backward()
+    return sum(storages.values())
+
+
+def peft_layer() -> nn.Module:
+    peft = pytest.importorskip("peft")
+    holder = Holder()
+    holder.requires_grad_(False)
+    return peft.get_peft_model(holder, peft.LoraConfig(r=NUM_EXPERTS * RANK, target_modules=["proj"])).base_model.model
+
+
+@pytest.mark.parametrize("router", ["softmax", "topk", "task"])
+def test_layer_keeps_no_more_than_peft_plus_the_router(router):
+    torch.manual_seed(0)
+    x = torch.randn(N_BATCH, N_LEN, D_IN, requires_grad=True)
+    peft_bytes = saved_bytes(peft_layer().proj, x)
+
+    holder = Holder()
+    holder.requires_grad_(False)
+    config = MoLoRAConfig(
+        target_modules=["proj"],
+        num_experts=NUM_EXPERTS,
+        rank=RANK,
+        router=router,
+        num_tasks=2 if router == "task" else None,
+        aux_losses={},
+    )
+    inject(holder, config)
+    ctx = RoutingContext(task_ids=torch.tensor([0, 1, 0, 1]) if router == "task" else None)
+    with routing_context(ctx):
+        molora_bytes = saved_bytes(holder.proj.train(), x)
+    tokens = N_BATCH * N_LEN
+    # the router's numbers: its logits (the E extra columns of the shared matmul) and probabilities, the top-k
+    # selection (weights, int64 indices), plus the stacked [E*r, d_out] output side the mixture multiplies by
+    router_bytes = 4 * tokens * NUM_EXPERTS * 2 + (4 + 8) * tokens * NUM_EXPERTS
+    assert molora_bytes <= peft_bytes + router_bytes + 4 * NUM_EXPERTS * RANK * D_OUT
+    # and far below a second [N, E*r] activation: autograd through plain ops would keep the gated product too
+    assert molora_bytes < peft_bytes + 4 * tokens * NUM_EXPERTS * RANK
