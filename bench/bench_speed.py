@@ -6,8 +6,11 @@
 Every variant is built once, warmed up, then the variants take turns (the order rotates every round), so a slow
 moment of the machine hits all of them alike; the table shows medians and ratios to the frozen base and to PEFT
 LoRA at the same number of trainable parameters (r = E * r). Peak memory is measured in a fresh process per
-variant: on CPU the peak resident memory a train step adds over the loaded model (VmHWM after the steps minus the
-resident size before them), on CUDA the peak allocated memory over the loaded model. On CPU the table also
+variant: the peak of what torch allocates during a train step once the optimizer's state exists, over what was
+allocated before the step (on CUDA the allocator's statistics; on CPU the profiler's allocation events, which give
+the same number every run); on CPU also the peak resident memory the first 3 steps add to the loaded model (VmHWM
+minus the resident size before them: what the OS sees, which depends on how glibc reuses and returns pages and
+varies by +-10% from run to run). On CPU the table also
 shows the minor page faults of a train step (fresh memory the allocator took from the kernel): they are part of the
 cost and the main source of run-to-run noise here (glibc hands large freed blocks back and faults them in again).
 --steady-alloc keeps freed memory in the process (glibc only) so that no variant pays page faults: the timings then
@@ -201,10 +204,30 @@ def _proc_kib(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
+def allocated_peak_mib(step, call) -> float:
+    """Peak of the bytes torch allocates over `step(call)`, from the profiler's allocation events: the CPU analogue
+    of CUDA's max_memory_allocated (less the memory allocated before), independent of how the C allocator maps and
+    returns pages, so the same computation gives the same number every run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(call)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    if not events:
+        raise RuntimeError("the profiler recorded no allocations: cannot measure allocated memory on this build")
+    live = peak = 0
+    for _, nbytes in events:  # frees of blocks allocated before the profiler started are not reported
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 def memory_child(
     model_name: str, variant_name: str, shape: tuple[int, int], device: torch.device, compiled: bool = False
 ) -> dict:
-    """Peak memory of 3 train steps of one variant, measured in this (fresh) process."""
+    """Peak memory of a train step of one variant, in this (fresh) process: what torch allocates in a step once the
+    optimizer's state exists, over what was allocated before it; on CPU also the resident memory the first 3 steps
+    add to the loaded model."""
     variant = next(v for v in default_variants() if v.name == variant_name)
     base = load_base(model_name).to(device)
     model = build(variant, base).to(device)
@@ -215,17 +238,21 @@ def memory_child(
         step(call)  # compile outside the measurement
     gc.collect()
     if device.type == "cuda":
+        step(call)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        for _ in range(3):
+        for _ in range(2):
             step(call)
         synchronize(device)
         return {"memory_mb": (torch.cuda.max_memory_allocated(device) - before) / 2**20, "loaded_mb": before / 2**20}
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident size (VmHWM) to the current size
-    before = _proc_kib("VmRSS")
+    loaded = _proc_kib("VmRSS")
     for _ in range(3):
         step(call)
-    return {"memory_mb": (_proc_kib("VmHWM") - before) / 1024, "loaded_mb": before / 1024}
+    rss = (_proc_kib("VmHWM") - loaded) / 1024
+    allocated = allocated_peak_mib(lambda batch: [step(batch) for _ in range(2)], call)
+    return {"memory_mb": allocated, "rss_mb": rss, "loaded_mb": loaded / 1024}
 
 
 def measure_memory(model_name, variants, shape, device, compiled=False) -> dict[str, dict]:
@@ -281,7 +308,7 @@ def check_targets(results: dict[str, dict]) -> list[dict]:
 
 def format_table(results: dict[str, dict], peer: str) -> str:
     header = f"{'variant':<18}{'params':>11}{'train ms':>10}{'x base':>8}{'x ' + peer:>11}"
-    header += f"{'fwd ms':>9}{'x base':>8}{'mem MB':>9}{'x ' + peer:>11}{'faults':>9}"
+    header += f"{'fwd ms':>9}{'x base':>8}{'mem MB':>9}{'x ' + peer:>11}{'rss MB':>9}{'faults':>9}"
     lines = [header, "-" * len(header)]
 
     def show(name: str, other: str, metric: str) -> str:
@@ -297,6 +324,7 @@ def format_table(results: dict[str, dict], peer: str) -> str:
         line += f"{show(name, 'base', 'forward_ms'):>8}"
         line += f"{mem:>9.0f}" if mem is not None else f"{'-':>9}"
         line += f"{show(name, peer, 'memory_mb'):>11}"
+        line += f"{r['rss_mb']:>9.0f}" if r.get("rss_mb") is not None else f"{'-':>9}"
         line += f"{r['train_faults']:>9.0f}" if r.get("train_faults") is not None else f"{'-':>9}"
         lines.append(line)
     return "\n".join(lines)

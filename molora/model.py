@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ class MoLoRAModel(nn.Module):
         self.injection_report: InjectionReport = inject(model, config)
         self.base_model = model
         self._layers: tuple[tuple[str, MoLoRALinear], ...] = tuple(molora_layers(model))  # fixed once injected
-        self._aux_means: tuple[list, dict[str, torch.Tensor]] | None = None  # (the routes they came from, means)
+        self._aux_means: tuple[list, dict[str, torch.Tensor]] | None = None  # (refs to their routes, means)
         self._mask_captures = [
             MaskCapture(
                 {"attention_mask": "attention_mask", "decoder_attention_mask": "decoder_attention_mask"},
@@ -155,14 +156,17 @@ class MoLoRAModel(nn.Module):
             return {}
         # Computed once per forward (aux_loss() and a trainer's logging both ask): keyed on the routes themselves,
         # since a later forward may replace only some of them (decoder layers during encoder-decoder generation).
+        # Weak references: holding the routes would keep the last step's router tensors (and the projection
+        # outputs their logits are views of) alive into the next step's peak.
         routes = [route for route, _ in entries]
         cached = self._aux_means
         if (
             cached is None
             or len(cached[0]) != len(routes)
-            or any(a is not b for a, b in zip(cached[0], routes, strict=True))
+            or any(ref() is not route for ref, route in zip(cached[0], routes, strict=True))
         ):
-            cached = self._aux_means = (routes, aux_term_means(entries, tuple(self.molora_config.aux_losses)))
+            means = aux_term_means(entries, tuple(self.molora_config.aux_losses))
+            cached = self._aux_means = ([weakref.ref(route) for route in routes], means)
         return dict(cached[1])
 
     def aux_loss(self) -> torch.Tensor:

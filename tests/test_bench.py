@@ -160,3 +160,15 @@ def test_steady_allocator_stops_the_page_faults_of_reallocated_memory(tmp_path):
         counts[mode] = int(run.stdout.strip().splitlines()[-1])
     assert counts["default"] >= 20 * 16384 * 0.9
     assert counts["steady"] <= 4 * 16384
+
+
+def test_allocated_peak_counts_the_bytes_alive_together():
+    def step(_):
+        first = torch.ones(2**20)  # 4 MiB
+        second = torch.ones(2**21)  # 8 MiB, while the first is alive: peak 12 MiB
+        del first, second
+        torch.ones(2**19)  # 2 MiB after both are freed
+
+    peaks = [bench_speed.allocated_peak_mib(step, None) for _ in range(2)]
+    assert peaks[0] == pytest.approx(12.0, abs=0.05)
+    assert peaks[0] == peaks[1]  # the same computation, the same number

@@ -1,6 +1,8 @@
 """Behaviour of injected models, parametrised over expert type x router x architecture."""
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -313,6 +315,21 @@ def test_aux_losses_follow_the_attention_mask_and_are_reported_in_eval():
     assert torch.allclose(model.aux_loss(), expected, atol=1e-6) and model.aux_loss().requires_grad
     per_layer = model.aux_loss_terms(per_layer=True)
     assert set(per_layer) == set(_layers(model)) and set(next(iter(per_layer.values()))) == {"balance", "z"}
+
+
+def test_aux_losses_of_a_step_do_not_keep_its_router_outputs_alive_into_the_next():
+    # The router outputs hold views of each layer's projection: kept into the next step, they would add to its peak.
+    model = get_molora_model(build_base("llama"), molora_config("llama", "softmax"))
+    batch = make_batch()
+    model.train()
+    model(**batch)
+    model.aux_loss().backward()
+    first_layer = next(layer for _, layer in model._layers)
+    previous = weakref.ref(first_layer.last_route[0])
+    model(**batch)
+    gc.collect()
+    assert previous() is None
+    assert model.aux_loss_terms()["balance"] is model.aux_loss_terms()["balance"]  # still computed once per forward
 
 
 def test_raw_model_calls_get_the_attention_mask_too():
