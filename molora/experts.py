@@ -18,6 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def stack_rows(output_side: torch.Tensor) -> torch.Tensor:
+    """[E, d_out, r] -> [E*r, d_out] (a copy of E*r*d_out numbers, small next to the activations); [E, d_out] stays."""
+    if output_side.dim() == 2:
+        return output_side
+    return output_side.transpose(1, 2).reshape(-1, output_side.shape[1])
+
+
 class Experts(nn.Module):
     expert_type: ClassVar[str] = ""
 
@@ -26,6 +33,7 @@ class Experts(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.num_experts = num_experts
+        self._gate_spreads: dict[tuple, torch.Tensor] = {}  # see gate_spread()
 
     def delta_weight(self, expert: int) -> torch.Tensor:
         """The expert's update as a [d_out, d_in] matrix (before scaling), for merging."""
@@ -44,16 +52,23 @@ class Experts(nn.Module):
         """Every expert's input side as one [E*r, d_in] matrix."""
         raise NotImplementedError
 
+    @property
+    def output_side(self) -> torch.Tensor:
+        """The parameter holding the experts' output sides as stored: [E, d_out, r] (LoRA B) or [E, d_out]."""
+        raise NotImplementedError
+
     def stacked_out(self) -> torch.Tensor:
         """Every expert's output side as one [E*r, d_out] matrix."""
-        raise NotImplementedError
+        return stack_rows(self.output_side)
 
     def project(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [N, d_in] -> (the E*r intermediate [N, E*r], x @ extra.T or None) from a single matmul."""
         weight = self.stacked_in()
         if extra is None:
             return F.linear(x, weight), None
-        return SharedProjection.apply(x, weight, extra.to(weight.dtype))
+        both = F.linear(x, torch.cat([weight, extra.to(weight.dtype)]))
+        hidden, projected = both.split([weight.shape[0], extra.shape[0]], dim=1)  # backward: one cat, not two pads
+        return hidden, projected
 
     def mix(
         self,
@@ -70,12 +85,23 @@ class Experts(nn.Module):
         `out` itself (no [N, d_out] temporary, which on CPU is a fresh allocation with its page faults). In place is
         only for a tensor nothing else reads and that is not a view (autograd would copy the whole base in backward).
         """
+        spread = self.gate_spread(scaling, hidden.dtype, hidden.device)
         if torch.is_autocast_enabled(hidden.device.type):
             # Autocast casts in a custom forward but not in its backward: plain ops here, which it handles throughout.
-            gates = GatedMix.scaled(weights, hidden.dtype, scaling)
-            gated = (hidden.view(gates.shape[0], -1, gates.shape[2], self.rows_per_expert) * gates).view(hidden.shape)
+            row_gates = weights.to(hidden.dtype) @ spread
+            gated = (hidden.view(weights.shape[0], -1, hidden.shape[1]) * row_gates).view(hidden.shape)
             return gated @ self.stacked_out() if out is None else torch.addmm(out, gated, self.stacked_out())
-        return GatedMix.apply(hidden, weights, self.stacked_out(), out, inplace, scaling)
+        return GatedMix.apply(hidden, weights, spread, self.output_side, out, inplace)
+
+    def gate_spread(self, scaling: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[E, E*r]: scaling on each expert's r rows, zero elsewhere; gates [.., E] @ spread = the gate of each row
+        of the [N, E*r] intermediate. Built once per (scaling, dtype, device)."""
+        key = (scaling, dtype, device)
+        spread = self._gate_spreads.get(key)
+        if spread is None:
+            eye = torch.eye(self.num_experts, dtype=dtype, device=device) * scaling
+            spread = self._gate_spreads[key] = eye.repeat_interleave(self.rows_per_expert, dim=1)
+        return spread
 
     def mix_grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The sparse mixture computing only the selected experts, each on its own tokens: x [N, d_in], weights
@@ -99,52 +125,23 @@ class Experts(nn.Module):
         return self.mix(self.project(x)[0], weights.unsqueeze(0))
 
 
-class SharedProjection(torch.autograd.Function):
-    """(x @ weight.T, x @ extra.T) from one matmul: the experts' input side and a router's first layer.
-
-    The same computation as linear(x, cat(weight, extra)) split in two, except that the concatenated weight is
-    rebuilt in backward instead of kept for it ((E*r + k) * d_in numbers per layer).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, extra):
-        ctx.save_for_backward(x, weight, extra)
-        return (x @ torch.cat([weight, extra]).T).split([weight.shape[0], extra.shape[0]], dim=1)
-
-    @staticmethod
-    def backward(ctx, grad_hidden, grad_projected):
-        x, weight, extra = ctx.saved_tensors
-        grad = torch.cat([grad_hidden, grad_projected], dim=1)
-        grad_x = grad @ torch.cat([weight, extra]) if ctx.needs_input_grad[0] else None
-        grad_weight = grad_extra = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_weight, grad_extra = (grad.T @ x).split([weight.shape[0], extra.shape[0]])
-        return grad_x, grad_weight, grad_extra
-
-
 class GatedMix(torch.autograd.Function):
-    """out + (hidden * scaling * gates) @ stacked_out, for hidden [N, E*r] and gates [B, L or 1, E].
+    """out + (hidden * spread gates) @ stacked_out, for hidden [N, E*r] and gates [B, L or 1, E].
 
-    Autograd would keep the gated [N, E*r] product (for the gradient of the output side) and a contiguous copy of the
-    gates; this keeps hidden and the gates as given (the router keeps them anyway) and recomputes the rest in
-    backward, which saves E*r + E numbers per token and layer: a PEFT LoRA of rank E*r stores r*E per token, and
-    the 1.05x memory budget next to it leaves no room for a second such activation.
+    `spread` [E, E*r] copies each expert's gate onto its r rows (times the scaling), so the gating is one small
+    matmul and a plain multiply: a [B, L, E, 1] broadcast multiply is ~2x slower on CPU, and the gates' gradient
+    is the transposed matmul instead of a sum over r.
+    Autograd would keep the gated [N, E*r] product (for the gradient of the output side) and the stacked copy of
+    the output sides; this keeps hidden, the gates (the router keeps both anyway) and the output-side parameter,
+    and recomputes the rest in backward. That saves E*r numbers per token and layer: a PEFT LoRA of rank E*r stores
+    E*r per token, and the 1.05x memory budget next to it leaves no room for a second such activation.
     """
 
     @staticmethod
-    def scaled(gates: torch.Tensor, dtype: torch.dtype, scaling: float) -> torch.Tensor:
-        """[B, L, E, 1] contiguous: the CPU softmax leaves an expert-major layout, which the [N, E*r] gating reads
-        ~1.5x slower."""
-        scaled = gates.to(dtype).contiguous()
-        if scaling != 1.0:
-            scaled = scaled * scaling if scaled is gates else scaled.mul_(scaling)
-        return scaled.unsqueeze(-1)
-
-    @staticmethod
-    def forward(ctx, hidden, gates, stacked_out, out, inplace, scaling):
-        batch, _, num_experts = gates.shape
-        scaled_gates = GatedMix.scaled(gates, hidden.dtype, scaling)
-        gated = (hidden.view(batch, -1, num_experts, hidden.shape[1] // num_experts) * scaled_gates).view(hidden.shape)
+    def forward(ctx, hidden, gates, spread, output_side, out, inplace):
+        stacked_out = stack_rows(output_side)
+        row_gates = gates.to(hidden.dtype) @ spread  # [B, L or 1, E*r]
+        gated = (hidden.view(gates.shape[0], -1, hidden.shape[1]) * row_gates).view(hidden.shape)
         if out is None:
             result = gated @ stacked_out
         elif inplace:
@@ -153,29 +150,30 @@ class GatedMix(torch.autograd.Function):
             result = out  # the input itself: what torch.compile needs of a dirty input
         else:
             result = torch.addmm(out, gated, stacked_out)
-        ctx.save_for_backward(hidden, gates, stacked_out)
-        ctx.scaling = scaling
+        ctx.save_for_backward(hidden, gates, spread, output_side)
         return result
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, gates, stacked_out = ctx.saved_tensors
-        batch, _, num_experts = gates.shape
-        hidden4 = hidden.view(batch, -1, num_experts, hidden.shape[1] // num_experts)
-        scaled_gates = GatedMix.scaled(gates, hidden.dtype, ctx.scaling)
+        hidden, gates, spread, output_side = ctx.saved_tensors
+        stacked_out = stack_rows(output_side)
+        hidden3 = hidden.view(gates.shape[0], -1, hidden.shape[1])
+        row_gates = gates.to(hidden.dtype) @ spread
         grad_hidden = grad_gates = grad_out_side = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_gated = (grad @ stacked_out.T).view(hidden4.shape)
+            grad_gated = (grad @ stacked_out.T).view(hidden3.shape)
             if ctx.needs_input_grad[0]:
-                grad_hidden = (grad_gated * scaled_gates).view(hidden.shape)
+                grad_hidden = (grad_gated * row_gates).view(hidden.shape)
             if ctx.needs_input_grad[1]:
-                # a sum over each expert's rows (and over the positions when one gate covers a whole sequence)
-                grad_gates = (grad_gated * hidden4).sum_to_size(scaled_gates.shape).squeeze(-1)
-                grad_gates = (grad_gates * ctx.scaling if ctx.scaling != 1.0 else grad_gates).to(gates.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_out_side = (hidden4 * scaled_gates).view(hidden.shape).T @ grad
-        grad_base = grad if ctx.needs_input_grad[3] else None
-        return grad_hidden, grad_gates, grad_out_side, grad_base, None, None
+                # back through the spread (a sum over each expert's rows, times the scaling); a per-sequence gate
+                # also sums over its positions
+                grad_gates = ((grad_gated * hidden3) @ spread.T).sum_to_size(gates.shape).to(gates.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_stacked = (hidden3 * row_gates).view(hidden.shape).T @ grad  # [E*r, d_out]
+            grad_out_side = grad_stacked.view(output_side.shape[0], -1, grad.shape[1]).transpose(1, 2)
+            grad_out_side = grad_out_side.reshape(output_side.shape)
+        grad_base = grad if ctx.needs_input_grad[4] else None
+        return grad_hidden, grad_gates, None, grad_out_side, grad_base, None
 
 
 class LoRAExperts(Experts):
@@ -219,9 +217,9 @@ class LoRAExperts(Experts):
     def stacked_in(self) -> torch.Tensor:
         return self.lora_A.reshape(self.num_experts * self.rank, self.in_features)
 
-    def stacked_out(self) -> torch.Tensor:
-        # [E, d_out, r] -> [E*r, d_out]: a copy of E*r*d_out numbers per call, small next to the activations.
-        return self.lora_B.transpose(1, 2).reshape(self.num_experts * self.rank, self.out_features)
+    @property
+    def output_side(self) -> torch.Tensor:
+        return self.lora_B
 
     def delta_weight(self, expert: int) -> torch.Tensor:
         return self.lora_B[expert] @ self.lora_A[expert]
@@ -266,7 +264,8 @@ class Rank1Experts(Experts):
     def stacked_in(self) -> torch.Tensor:
         return self.u
 
-    def stacked_out(self) -> torch.Tensor:
+    @property
+    def output_side(self) -> torch.Tensor:
         return self.v
 
     def delta_weight(self, expert: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """What a MoLoRA layer keeps for backward, next to a PEFT LoRA of the same rank (E*r): the experts' [N, E*r]
 intermediate once, plus the router's own per-token numbers; no second [N, E*r] activation (the gated product is
-recomputed in backward) and no concatenated weight."""
+recomputed in backward) and no stacked copy of the output sides."""
 
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ def test_layer_keeps_no_more_than_peft_plus_the_router(router):
         molora_bytes = saved_bytes(holder.proj.train(), x)
     tokens = N_BATCH * N_LEN
     # the router's numbers: its logits (the E extra columns of the shared matmul) and probabilities, the top-k
-    # selection (weights, int64 indices), plus the stacked [E*r, d_out] output side the mixture multiplies by
+    # selection (weights, int64 indices), plus the [E*r + E, d_in] weight of the shared matmul (experts + gate)
     router_bytes = 4 * tokens * NUM_EXPERTS * 2 + (4 + 8) * tokens * NUM_EXPERTS
-    assert molora_bytes <= peft_bytes + router_bytes + 4 * NUM_EXPERTS * RANK * D_OUT
+    assert molora_bytes <= peft_bytes + router_bytes + 4 * (NUM_EXPERTS * RANK + NUM_EXPERTS) * D_IN
     # and far below a second [N, E*r] activation: autograd through plain ops would keep the gated product too
     assert molora_bytes < peft_bytes + 4 * tokens * NUM_EXPERTS * RANK
