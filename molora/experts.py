@@ -25,6 +25,16 @@ def stack_rows(output_side: torch.Tensor) -> torch.Tensor:
     return output_side.transpose(1, 2).reshape(-1, output_side.shape[1])
 
 
+def unstack_rows(stacked: torch.Tensor, output_side: torch.Tensor) -> torch.Tensor:
+    """The inverse of stack_rows: [E*r, d_out] back to output_side's layout (for its gradient)."""
+    return stacked.view(output_side.shape[0], -1, stacked.shape[1]).transpose(1, 2).reshape(output_side.shape)
+
+
+def gate_rows(hidden: torch.Tensor, gates: torch.Tensor, spread: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [N, E*r] as [B, L, E*r], and the gate of each of its rows, [B, L or 1, E*r]."""
+    return hidden.view(gates.shape[0], -1, hidden.shape[1]), gates.to(hidden.dtype) @ spread
+
+
 class Experts(nn.Module):
     expert_type: ClassVar[str] = ""
 
@@ -88,8 +98,8 @@ class Experts(nn.Module):
         spread = self.gate_spread(scaling, hidden.dtype, hidden.device)
         if torch.is_autocast_enabled(hidden.device.type):
             # Autocast casts in a custom forward but not in its backward: plain ops here, which it handles throughout.
-            row_gates = weights.to(hidden.dtype) @ spread
-            gated = (hidden.view(weights.shape[0], -1, hidden.shape[1]) * row_gates).view(hidden.shape)
+            hidden3, row_gates = gate_rows(hidden, weights, spread)
+            gated = (hidden3 * row_gates).view(hidden.shape)
             return gated @ self.stacked_out() if out is None else torch.addmm(out, gated, self.stacked_out())
         return GatedMix.apply(hidden, weights, spread, self.output_side, out, inplace)
 
@@ -140,8 +150,8 @@ class GatedMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, gates, spread, output_side, out, inplace):
         stacked_out = stack_rows(output_side)
-        row_gates = gates.to(hidden.dtype) @ spread  # [B, L or 1, E*r]
-        gated = (hidden.view(gates.shape[0], -1, hidden.shape[1]) * row_gates).view(hidden.shape)
+        hidden3, row_gates = gate_rows(hidden, gates, spread)
+        gated = (hidden3 * row_gates).view(hidden.shape)
         if out is None:
             result = gated @ stacked_out
         elif inplace:
@@ -157,8 +167,7 @@ class GatedMix(torch.autograd.Function):
     def backward(ctx, grad):
         hidden, gates, spread, output_side = ctx.saved_tensors
         stacked_out = stack_rows(output_side)
-        hidden3 = hidden.view(gates.shape[0], -1, hidden.shape[1])
-        row_gates = gates.to(hidden.dtype) @ spread
+        hidden3, row_gates = gate_rows(hidden, gates, spread)
         grad_hidden = grad_gates = grad_out_side = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             grad_gated = (grad @ stacked_out.T).view(hidden3.shape)
@@ -169,9 +178,7 @@ class GatedMix(torch.autograd.Function):
                 # also sums over its positions
                 grad_gates = ((grad_gated * hidden3) @ spread.T).sum_to_size(gates.shape).to(gates.dtype)
         if ctx.needs_input_grad[3]:
-            grad_stacked = (hidden3 * row_gates).view(hidden.shape).T @ grad  # [E*r, d_out]
-            grad_out_side = grad_stacked.view(output_side.shape[0], -1, grad.shape[1]).transpose(1, 2)
-            grad_out_side = grad_out_side.reshape(output_side.shape)
+            grad_out_side = unstack_rows((hidden3 * row_gates).view(hidden.shape).T @ grad, output_side)
         grad_base = grad if ctx.needs_input_grad[4] else None
         return grad_hidden, grad_gates, None, grad_out_side, grad_base, None
 
