@@ -92,8 +92,16 @@ def balance_loss(route: RouterOutput, token_mask: torch.Tensor | None = None) ->
 @register_aux_loss("z", stackable=True)
 def z_loss(route: RouterOutput, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE router z-loss: mean of logsumexp(logits)^2, keeps logits small."""
-    lse = torch.logsumexp(_flat(route.logits), dim=-1)
-    return lse.square() @ _token_weights(route, token_mask)
+    return _logsumexp(_flat(route.logits)).square() @ _token_weights(route, token_mask)
+
+
+def _logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp over the last dim, with the shift by the max held constant: the value and the gradient
+    (softmax) are the same, and on CPU fwd+bwd of [28, 4096, 8] takes 2.8 ms instead of 3.6 (its backward
+    recomputes the shifted exponentials; this one keeps them)."""
+    finfo = torch.finfo(logits.dtype)
+    top = logits.detach().amax(dim=-1, keepdim=True).clamp(finfo.min, finfo.max)  # an all -inf row stays -inf
+    return (logits - top).exp().sum(dim=-1).log() + top.squeeze(-1)
 
 
 @register_aux_loss("cv", stackable=True)

@@ -172,3 +172,18 @@ def test_allocated_peak_counts_the_bytes_alive_together():
     peaks = [bench_speed.allocated_peak_mib(step, None) for _ in range(2)]
     assert peaks[0] == pytest.approx(12.0, abs=0.05)
     assert peaks[0] == peaks[1]  # the same computation, the same number
+
+
+def test_router_floor_finds_every_adapted_layer_and_which_inputs_need_a_gradient():
+    from collections import Counter
+
+    from bench.router_floor import adapted_layer_shapes
+
+    peft = build(variant(f"peft-r{NUM_EXPERTS * RANK}"), tiny_base())
+    ids = torch.randint(0, TINY["vocab_size"], (2, 5))
+    shapes, tokens = adapted_layer_shapes(peft, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert tokens == 10
+    # the first layer's q, k, v read the frozen embeddings (no input gradient); every other input needs one
+    hidden, inner = TINY["hidden_size"], TINY["intermediate_size"]
+    expected = {(hidden, hidden, False): 3, (hidden, hidden, True): 5, (hidden, inner, True): 4}
+    assert shapes == Counter({**expected, (inner, hidden, True): 2})

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from molora.losses import AUX_LOSSES, balance_loss, cv_loss, entropy_loss, register_aux_loss, z_loss
+from molora.losses import AUX_LOSSES, _logsumexp, balance_loss, cv_loss, entropy_loss, register_aux_loss, z_loss
 from molora.routers import RouterOutput, select_experts
 
 
@@ -48,6 +48,21 @@ def test_hand_computed_values_for_a_fixed_input():
     assert cv_loss(route).item() == pytest.approx(0.015625 / 0.140625, abs=1e-6)
     expected_entropy = 7 / 12 * math.log(7 / 12) + 5 / 12 * math.log(5 / 12)
     assert entropy_loss(route).item() == pytest.approx(expected_entropy, abs=1e-6)
+
+
+def test_z_loss_logsumexp_matches_torch_in_value_and_gradient():
+    torch.manual_seed(0)
+    inf = float("inf")
+    # large logits (a naive exp overflows), a row at -inf and one with +inf: torch.logsumexp's results
+    rows = torch.cat([torch.randn(5, 8) * 60, torch.tensor([[-inf] * 8, [inf] + [0.0] * 7, [1e30] + [0.0] * 7])])
+    ours, theirs = rows.clone().requires_grad_(True), rows.clone().requires_grad_(True)
+    value, expected = _logsumexp(ours), torch.logsumexp(theirs, dim=-1)
+    assert torch.equal(value.isfinite(), expected.isfinite()) and torch.equal(value[5:], expected[5:])
+    torch.testing.assert_close(value[:5], expected[:5], rtol=1e-6, atol=1e-5)
+    weights = torch.arange(8.0)
+    (value[:5] * weights[:5]).sum().backward()
+    (expected[:5] * weights[:5]).sum().backward()
+    torch.testing.assert_close(ours.grad[:5], theirs.grad[:5], rtol=1e-5, atol=1e-6)
 
 
 def test_losses_are_differentiable_in_the_logits():
