@@ -124,7 +124,7 @@ class Experts(nn.Module):
             return F.linear(x, weight), None
         parts = (weight, extra.to(weight.dtype))
         joined = torch.cat(parts)
-        if other_saved_tensor_hooks():
+        if not torch.is_grad_enabled() or other_saved_tensor_hooks():
             both = F.linear(x, joined)
         else:
             with RebuildSaved(joined, parts):
