@@ -1,7 +1,7 @@
 """The least a learned per-token router can cost next to PEFT LoRA at the same parameter budget, on this machine.
 
-    python bench/router_floor.py                      # reference config, batch 8 x 512, ~1 min on 2 CPU cores
-    python bench/router_floor.py --model smollm2-135m --batch 4 --seq 128
+    python bench/router_floor.py                       # reference config, batch 8 x 512, ~30 s on 2 CPU cores
+    python bench/router_floor.py --model smollm2-135m  # at bench_speed.py's shape for it, 4 x 128
 
 A router reading the layer input adds E columns to the input-side matmul of every adapted layer: in the forward,
 in the input gradient (where the input needs one) and in its weight gradient. The only work PEFT LoRA does that a
@@ -70,15 +70,16 @@ def adapted_layer_shapes(model: torch.nn.Module, batch: dict[str, torch.Tensor])
     return shapes, tokens[0]
 
 
+def once_ms(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000
+
+
 def median_ms(fn: Callable[[], object], rounds: int) -> float:
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    return statistics.median(once_ms(fn) for _ in range(rounds))
 
 
 def input_side_matmuls(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, input_grad: bool) -> None:
@@ -94,11 +95,18 @@ def router_ms(d_in: int, input_grad: bool, tokens: int, rank_total: int, router_
     x = torch.randn(tokens, d_in)
     with_router = (torch.randn(rank_total + router_rows, d_in), torch.randn(tokens, rank_total + router_rows))
     without = (torch.randn(rank_total, d_in), torch.randn(tokens, rank_total))
-    fused, plain = [], []
-    for _ in range(rounds):  # interleaved, so that a slow moment of the machine hits both
-        fused.append(median_ms(lambda: input_side_matmuls(x, *with_router, input_grad), 3))
-        plain.append(median_ms(lambda: input_side_matmuls(x, *without, input_grad), 3))
-    return statistics.median(fused) - statistics.median(plain)
+
+    def fused() -> None:
+        input_side_matmuls(x, *with_router, input_grad)
+
+    def plain() -> None:
+        input_side_matmuls(x, *without, input_grad)
+
+    for _ in range(3):
+        fused(), plain()
+    # interleaved, so that a slow moment of the machine hits both
+    times = [(once_ms(fused), once_ms(plain)) for _ in range(3 * rounds)]
+    return statistics.median(t for t, _ in times) - statistics.median(t for _, t in times)
 
 
 def gating_ms(tokens: int, experts: int, rank_total: int, rounds: int) -> float:
@@ -124,6 +132,7 @@ def intuition_tail_ms(tokens: int, seq: int, experts: int, width: int, rounds: i
     bias, norm_weight, last = torch.randn(width), torch.ones(width), torch.randn(experts, width)
     grad_logits = torch.randn(tokens, experts)
     mean, rstd = torch.zeros(tokens // seq, seq, 1), torch.ones(tokens // seq, seq, 1)
+    output_mask = [True, True, True]  # gradients of the input, weight and bias
 
     def ops() -> None:
         pooled = projected.cumsum(dim=1) / count + bias
@@ -131,8 +140,7 @@ def intuition_tail_ms(tokens: int, seq: int, experts: int, width: int, rounds: i
         F.linear(normed, last)
         grad_normed = grad_logits @ last
         grad_logits.T @ normed.view(tokens, width)
-        mask = [True, True, True]
-        torch.ops.aten.native_layer_norm_backward(grad, pooled, [width], mean, rstd, norm_weight, bias, mask)
+        torch.ops.aten.native_layer_norm_backward(grad, pooled, [width], mean, rstd, norm_weight, bias, output_mask)
         torch.ops.aten.gelu_backward(grad_normed.view_as(grad), pooled)
         (grad / count).cumsum(dim=1)  # the reverse running sum: at least one cumsum pass
 
@@ -155,20 +163,21 @@ def peft_step_ms(model_name: str, shape: tuple[int, int], rank: int, rounds: int
     batch = make_batch(base, *shape)
     variant = Variant(f"peft-r{rank}", "peft", rank=rank)
     model = build(variant, base)
-    call = call_batch(variant, batch, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    call = call_batch(variant, batch, cpu)
     shapes, tokens = adapted_layer_shapes(model, call)
     train, _ = make_step(model, variant)
     for _ in range(2):
-        timed(train, call, torch.device("cpu"))
-    step = statistics.median(timed(train, call, torch.device("cpu")) for _ in range(rounds))
+        timed(train, call, cpu)
+    step = statistics.median(timed(train, call, cpu) for _ in range(rounds))
     return step, shapes, tokens
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="reference", choices=list(SHAPES))
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--batch", type=int, help="default: bench_speed.py's batch for the model")
+    parser.add_argument("--seq", type=int, help="default: bench_speed.py's sequence length for the model")
     parser.add_argument("--rounds", type=int, default=15, help="rounds of each micro-measurement (median)")
     parser.add_argument("--steady-alloc", action="store_true", help="keep freed memory in the process (glibc)")
     args = parser.parse_args()
@@ -176,7 +185,9 @@ def main() -> None:
         steady_allocator()
     torch.manual_seed(0)
     rank_total = NUM_EXPERTS * RANK
-    step, shapes, tokens = peft_step_ms(args.model, (args.batch, args.seq), rank_total, args.rounds)
+    default_batch, default_seq = SHAPES[args.model][0]
+    shape = (args.batch or default_batch, args.seq or default_seq)
+    step, shapes, tokens = peft_step_ms(args.model, shape, rank_total, args.rounds)
     print(
         f"# {args.model}, {tokens} tokens per layer call, E={NUM_EXPERTS} experts of rank {RANK}, PEFT r={rank_total}"
     )
@@ -200,7 +211,7 @@ def main() -> None:
         )
     layers = sum(shapes.values())
     gating = layers * gating_ms(tokens, NUM_EXPERTS, rank_total, args.rounds)
-    tail = layers * intuition_tail_ms(tokens, args.seq, NUM_EXPERTS, width, args.rounds)
+    tail = layers * intuition_tail_ms(tokens, shape[1], NUM_EXPERTS, width, args.rounds)
     print(
         f"per train step ({layers} layers): router matmuls {totals['router']:.1f} ms (intuition's {width} rows: "
         f"{totals['intuition']:.1f}), least gating {gating:.1f}, intuition MLP {tail:.1f}, PEFT's scaling and add "
