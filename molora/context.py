@@ -95,12 +95,32 @@ def _as_mask(value: Any) -> torch.Tensor | None:
 
 
 def _cache_length(cache: Any) -> int | None:
-    if cache is None:
-        return None
-    if hasattr(cache, "get_seq_length"):
+    if hasattr(cache, "get_seq_length"):  # transformers' Cache classes, whatever the kwarg is called
         return int(cache.get_seq_length())
-    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)):  # legacy tuples
-        return int(cache[0][0].shape[-2])
+    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:  # legacy
+        first = cache[0][0]
+        return int(first.shape[-2]) if isinstance(first, torch.Tensor) else None
+    return None
+
+
+def find_cache_length(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """Tokens already in the KV cache of a model call, or None when the call carries no cache.
+
+    Found by what the value is, not by the argument's name: transformers has called it `past_key_values`,
+    `past` and (5.24) `cache`, and generate() omits an all-ones attention mask, so the mask alone cannot tell a
+    decoding step from a fresh one-token sequence. Legacy tuple caches are only looked for under names that say
+    they are caches.
+    """
+    for key, value in kwargs.items():
+        if value is None:
+            continue
+        if hasattr(value, "get_seq_length") or ("past" in key or "cache" in key):
+            length = _cache_length(value)
+            if length is not None:
+                return length
+    for value in args:
+        if hasattr(value, "get_seq_length"):
+            return _cache_length(value)
     return None
 
 
@@ -144,7 +164,7 @@ class MaskCapture:
             elif key in positions and positions[key] < len(args):
                 setattr(ctx, attr, _as_mask(args[positions[key]]))
         if self.read_cache:
-            ctx.past_len = _cache_length(kwargs.get("past_key_values"))
+            ctx.past_len = find_cache_length(args, kwargs)
 
     def _post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         if self._tokens:

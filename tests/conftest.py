@@ -49,6 +49,46 @@ def build_base(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
             attn_pdrop=0.0,
         )
         model = GPT2LMHeadModel(config)
+    elif arch == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        config = Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        model = Qwen2ForCausalLM(config)
+    elif arch == "bart":
+        from transformers import BartConfig, BartForConditionalGeneration
+
+        config = BartConfig(
+            vocab_size=VOCAB,
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_position_embeddings=64,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_eos_token_id=None,
+            forced_bos_token_id=None,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+        )
+        model = BartForConditionalGeneration(config)
     elif arch == "bert":
         config = BertConfig(
             vocab_size=VOCAB,
@@ -66,7 +106,13 @@ def build_base(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
     return model.to(dtype).eval()
 
 
-TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value"]}
+TARGETS = {
+    "llama": ["q_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_fc"],
+    "bert": ["query", "value"],
+    "bart": ["q_proj", "k_proj", "v_proj", "fc1"],
+}
 
 
 def molora_config(arch: str, router: str = "softmax", expert_type: str = "lora", **overrides) -> MoLoRAConfig:
@@ -78,7 +124,7 @@ def molora_config(arch: str, router: str = "softmax", expert_type: str = "lora",
         alpha=8,
         router=router,
         num_tasks=NUM_TASKS if router == "task" else None,
-        intuition_pooling="mean" if arch == "bert" else "causal",
+        intuition_pooling="mean" if arch in ("bert", "bart") else "causal",
     )
     options.update(overrides)
     return MoLoRAConfig(**options)

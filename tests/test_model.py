@@ -214,36 +214,6 @@ def _left_padded_prompt():
     return ids, mask
 
 
-GENERATE_CASES = [("llama", r, "causal") for r in ROUTERS] + [
-    ("llama", "intuition", "prompt"),
-    ("gpt2", "intuition", "causal"),
-    ("gpt2", "intuition", "prompt"),
-    ("gpt2", "topk", "causal"),
-]
-
-
-@pytest.mark.parametrize(("arch", "router", "pooling"), GENERATE_CASES, ids=["-".join(c) for c in GENERATE_CASES])
-def test_generate_with_cache_equals_without_cache(arch, router, pooling):
-    model = get_molora_model(build_base(arch), molora_config(arch, router, intuition_pooling=pooling))
-    randomize_experts(model)
-    ids, mask = _left_padded_prompt()
-    kwargs = dict(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=8,
-        do_sample=False,
-        task_ids=task_ids_for(router),
-        pad_token_id=0,
-        eos_token_id=None,
-    )
-    with torch.no_grad():
-        cached = model.generate(**kwargs, use_cache=True)
-        uncached = model.generate(**kwargs, use_cache=False)
-        base = get_molora_model(build_base(arch), molora_config(arch, router)).generate(**kwargs)
-    assert torch.equal(cached, uncached)
-    assert not torch.equal(cached, base)  # the experts change what is generated
-
-
 def test_cached_decoding_outside_a_session_is_refused_for_the_intuition_router():
     model = get_molora_model(build_base("llama"), molora_config("llama", "intuition"))
     ids, mask = _left_padded_prompt()
@@ -381,48 +351,6 @@ def test_checkpointing_enabled_behind_molora_s_back_fails_loudly():
         _training_loss(model, "intuition", "llama").backward()
     with pytest.raises(ValueError, match="use_reentrant"):
         model.gradient_checkpointing_enable({"use_reentrant": True})
-
-
-def test_encoder_decoder_generate_with_cache_equals_without_cache():
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    torch.manual_seed(0)
-    config = BartConfig(
-        vocab_size=64,
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=64,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-    )
-    model = get_molora_model(
-        BartForConditionalGeneration(config).eval(),
-        MoLoRAConfig(
-            target_modules=["q_proj", "k_proj", "v_proj", "fc1"], router="intuition", intuition_pooling="mean"
-        ),
-    )
-    randomize_experts(model)
-    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    ids[1, 4:], mask[1, 4:] = 1, 0
-    kwargs = dict(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=8,
-        do_sample=False,
-        eos_token_id=None,
-        forced_eos_token_id=None,
-        forced_bos_token_id=None,
-    )
-    with torch.no_grad():
-        assert torch.equal(model.generate(**kwargs, use_cache=True), model.generate(**kwargs, use_cache=False))
 
 
 def test_beam_search_with_a_running_router_state_is_refused():
