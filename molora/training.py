@@ -23,10 +23,10 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from molora.base_models import load_base
 from molora.data import MultiDomainData
 from molora.inspect import RoutingRecorder, health_summary, write_report
 from molora.model import MoLoRAModel, get_molora_model
-from molora.models import load_base
 from molora.run_config import RunConfig
 from molora.utils import atomic_write, atomic_write_text
 

@@ -134,7 +134,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 def test_router_learning_rate_and_bf16_autocast(tiny, tmp_path):
     from molora import get_molora_model
-    from molora.models import load_base
+    from molora.base_models import load_base
     from molora.training import make_optimizer
 
     model_dir, data_file = tiny

