@@ -28,11 +28,16 @@ def train_main(argv: list[str] | None = None) -> int:
     run_dir = args.output_dir or Path("runs") / args.config.stem
     from molora.training import train
 
+    from molora.checkpoint import NonFiniteError
+
     try:
         result = train(config, run_dir, resume=args.resume)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # bad input, a busy run folder, no usable checkpoint
         print(f"molora-train: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:  # the run stopped; its last good checkpoint stays
+        print(f"molora-train: error: {err}", file=sys.stderr)
+        return 1
     if "after" in result:
         print((run_dir / "summary.md").read_text())
     else:

@@ -55,6 +55,9 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     stop_after: int | None = None  # end this invocation after N steps (time-sliced jobs); --resume continues
+    # Steps whose loss, aux terms or gradients are not finite: 0 stops the run at the first one (the last good
+    # checkpoint stays); N skips up to N of them (no optimizer update), counted in metrics.jsonl.
+    max_bad_steps: int = 0
     progress: bool = True
     # Collapse alarm, checked at every evaluation: an expert under 1/(10E) of the load for `alarm_evals`
     # consecutive evaluations, or mean routing entropy under alarm_entropy_ratio * ln(E).
@@ -66,12 +69,14 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"train.{name} must be an int >= 1, got {value!r}")
-        for name in ("warmup_steps", "eval_every", "save_every"):
+        for name in ("warmup_steps", "eval_every", "save_every", "max_bad_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"train.{name} must be an int >= 0, got {value!r}")
         if not self.lr > 0 or (self.router_lr is not None and not self.router_lr > 0):
             raise ValueError(f"train.lr and train.router_lr must be > 0, got {self.lr!r}, {self.router_lr!r}")
+        if self.stop_after is not None and (not isinstance(self.stop_after, int) or self.stop_after < 1):
+            raise ValueError(f"train.stop_after must be an int >= 1 or null, got {self.stop_after!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
 

@@ -1,4 +1,4 @@
-"""The training loop: one function to read top to bottom (nanoGPT-style), plus checkpoint and eval helpers.
+"""The training loop (nanoGPT-style: prepare, resume, step, log, evaluate, checkpoint), plus eval helpers.
 
 Runs unchanged under `torchrun --nproc_per_node=N`: each rank takes its slice of every global batch, gradients
 are averaged with all_reduce, and only rank 0 writes.
@@ -11,9 +11,8 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,24 @@ import yaml
 from torch import nn
 
 from molora.base_models import load_base
+from molora.checkpoint import (
+    RESUMABLE_CHANGES,
+    NonFiniteError,
+    RunLock,
+    check_finite,
+    checkpoint_folders,
+    config_differences,
+    latest_good_checkpoint,
+    remove_staging,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from molora.data import MultiDomainData
 from molora.inspect import RoutingRecorder, health_summary, write_report
 from molora.model import MoLoRAModel, get_molora_model
 from molora.run_config import RunConfig
 from molora.utils import atomic_write, atomic_write_text
-
-STATE_NAME = "trainer_state.pt"
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -158,37 +168,6 @@ def _evaluate_domains(model, data, config, device, results) -> None:
         results[domain.name] = {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": tokens}
 
 
-def save_checkpoint(run_dir: Path, model: MoLoRAModel, optimizer, scheduler, step: int, extra: dict, keep: int) -> None:
-    """checkpoints/step-N/ (adapter + optimizer/scheduler/RNG state), built in a temp folder and renamed in."""
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".step-", dir=root))
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        },
-        **extra,
-    }
-    model.save_pretrained(staging)
-    torch.save(state, staging / STATE_NAME)
-    final = root / f"step-{step:06d}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(staging, final)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / STATE_NAME).is_file())
-    return done[-1] if done else None
-
-
 def _describe(config: RunConfig) -> str:
     if config.model.adapter != "molora":
         return f"adapter `{config.model.adapter}`"
@@ -236,191 +215,355 @@ def _write_summary(
     atomic_write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
 
 
-def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Fine-tune config.model on config.data with the adapter in config.model/molora; returns eval before/after."""
-    run_dir = Path(run_dir)
+@dataclass
+class Run:
+    """What one training invocation works with; built by prepare_run() once config, model and data are valid."""
+
+    config: RunConfig
+    run_dir: Path
+    model: nn.Module
+    data: MultiDomainData
+    device: torch.device
+    rank: int
+    world_size: int
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    alarm: CollapseAlarm | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def routed(self) -> bool:
+        return isinstance(self.model, MoLoRAModel)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            with self.metrics_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def say(self, message: str, bar=None) -> None:
+        if self.is_main:
+            (bar.write if bar is not None else print)(message)
+
+
+def prepare_run(config: RunConfig, run_dir: Path) -> Run:
+    """Seed, load the base model and data, build the adapter and its optimizer; writes nothing."""
     rank, world_size, device = setup_distributed()
-    is_main = rank == 0
     tcfg = config.train
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
-
     base, tokenizer = load_base(config.model.name, task=config.model.task)
-    data = MultiDomainData(config.data, tokenizer)  # validated before anything is written
+    data = MultiDomainData(config.data, tokenizer)
     model = build_model(base, config).to(device)
-    routed = isinstance(model, MoLoRAModel)
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if world_size > 1:  # identical starting adapters on every rank
         for param in trainable:
             dist.broadcast(param.data, src=0)
+    run = Run(config, run_dir, model, data, device, rank, world_size, trainable)
+    run.alarm = CollapseAlarm(tcfg.alarm_evals, tcfg.alarm_entropy_ratio)
+    if trainable and config.model.adapter != "none":
+        run.optimizer = make_optimizer(model, config)
+        run.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            run.optimizer, lambda s: lr_factor(s, tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
+        )
+    return run
 
-    metrics_path = run_dir / "metrics.jsonl"
 
-    def log(record: dict[str, Any]) -> None:
-        if is_main:
-            with metrics_path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+def evaluate_and_log(run: Run, step: int, bar=None) -> tuple[dict[str, Any], RoutingRecorder | None]:
+    recorder = run.model.record_routing(domains=run.data.names) if run.routed else None
+    results = evaluate(run.model, run.data, run.config, run.device, recorder)
+    run.log({"step": step, "type": "eval", **{f"eval/{k}": v["loss"] for k, v in results.items()}})
+    if recorder is not None:
+        for message in run.alarm.check(recorder.stats()):
+            run.log({"step": step, "type": "alarm", "message": message})
+            run.say(f"ALARM step {step}: {message}", bar)
+            if run.is_main and bar is not None:
+                bar.set_postfix_str("ALARM: routing collapse, see metrics.jsonl")
+    return results, recorder
 
-    alarm = CollapseAlarm(tcfg.alarm_evals, tcfg.alarm_entropy_ratio)
 
-    def evaluate_and_log(step: int, bar=None) -> tuple[dict[str, Any], RoutingRecorder | None]:
-        recorder = model.record_routing(domains=data.names) if routed else None
-        results = evaluate(model, data, config, device, recorder)
-        log({"step": step, "type": "eval", **{f"eval/{k}": v["loss"] for k, v in results.items()}})
-        if recorder is not None:
-            for message in alarm.check(recorder.stats()):
-                log({"step": step, "type": "alarm", "message": message})
-                if is_main:
-                    (bar.write if bar is not None else print)(f"ALARM step {step}: {message}")
-                    if bar is not None:
-                        bar.set_postfix_str("ALARM: routing collapse, see metrics.jsonl")
-        return results, recorder
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint so a resumed run continues exactly."""
 
-    if config.model.adapter == "none" or not trainable:  # nothing to train: evaluate the model as it is
-        if is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-            atomic_write_text(metrics_path, "")
-        results, _ = evaluate_and_log(0)
-        return _finish(run_dir, config, model, results, results, 0, 0.0, None, device, is_main, world_size, [])
+    step: int = 0
+    before: dict[str, Any] | None = None  # eval at step 0
+    bad_steps: int = 0
 
-    optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
+
+def resume_from_checkpoint(run: Run) -> Progress:
+    """Load the newest good checkpoint into the run; refuse one written by a different config."""
+    removed = remove_staging(run.run_dir) if run.is_main else []
+    for path in removed:
+        run.say(f"resume: removed {path.name}, a checkpoint whose writing was interrupted")
+    point = latest_good_checkpoint(run.run_dir)
+    if point is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run.run_dir / 'checkpoints'}")
+    for folder, why in point.skipped:
+        run.say(f"resume: skipped {folder.name}: {why}")
+    saved = point.state.get("config")
+    if saved is not None:
+        differing = config_differences(saved, run.config.to_dict())
+        if differing:
+            changes = ", ".join(
+                f"{k}: {_lookup(saved, k)!r} -> {_lookup(run.config.to_dict(), k)!r}" for k in differing
+            )
+            raise ValueError(
+                f"--resume: the config differs from the checkpoint's ({point.folder.name}) in {changes}; only "
+                f"{', '.join(RESUMABLE_CHANGES)} may change when resuming"
+            )
+    load_adapter_weights(run.model, point.folder)
+    run.optimizer.load_state_dict(point.state["optimizer"])
+    run.scheduler.load_state_dict(point.state["scheduler"])
+    set_rng_state(point.state["rng"])
+    run.say(f"resume: continuing from {point.folder.name}")
+    return Progress(point.state["step"], point.state["eval_before"], point.state.get("bad_steps", 0))
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def open_run_folder(run: Run, start_step: int) -> None:
+    """config.yaml, and metrics.jsonl cut back to what was logged up to the checkpoint resumed from."""
+    if not run.is_main:
+        return
+    atomic_write_text(run.run_dir / "config.yaml", yaml.safe_dump(run.config.to_dict(), sort_keys=False))
+    kept = []
+    if start_step and run.metrics_path.exists():
+        for line in run.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            if record["step"] <= start_step:
+                kept.append(line)
+    atomic_write_text(run.metrics_path, "".join(line + "\n" for line in kept))
+
+
+def save_run_checkpoint(run: Run, progress: Progress) -> None:
+    state = {
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": rng_state(),
+        "eval_before": progress.before,
+        "bad_steps": progress.bad_steps,
+        "config": run.config.to_dict(),
+    }
+    save_checkpoint(
+        run.run_dir, run.model, run.model.save_pretrained, state, progress.step, run.config.train.keep_checkpoints
     )
-    start_step, before = 0, None
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-    if checkpoint is not None:
-        state = torch.load(checkpoint / STATE_NAME, weights_only=False)
-        load_adapter_weights(model, checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        start_step, before = state["step"], state["eval_before"]
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-        kept = []
-        if checkpoint is not None and metrics_path.exists():  # drop lines logged after the checkpoint
-            kept = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= start_step]
-        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
-        if routed:
-            print(model.injection_report)
-    if before is None:
-        before, _ = evaluate_and_log(0)
 
+
+def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Fine-tune config.model on config.data with the adapter in config.model/molora; returns eval before/after."""
+    run = prepare_run(config, Path(run_dir))  # everything validated before the run folder is touched
+    lock = RunLock(run.run_dir).acquire() if run.is_main else None
+    try:
+        if run.optimizer is None:  # nothing to train: evaluate the model as it is
+            open_run_folder(run, 0)
+            results, _ = evaluate_and_log(run, 0)
+            return _finish(run, results, results, 0, 0.0, None)
+        progress = resume_from_checkpoint(run) if resume else Progress()
+        open_run_folder(run, progress.step)
+        if run.routed and run.is_main:
+            print(run.model.injection_report)
+        if progress.before is None:
+            progress.before, _ = evaluate_and_log(run, 0)
+        return _train_loop(run, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_loop(run: Run, progress: Progress) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
+    tcfg = run.config.train
+    start_step = progress.step
     end_step = tcfg.steps if tcfg.stop_after is None else min(tcfg.steps, start_step + tcfg.stop_after)
-    bar = tqdm(total=tcfg.steps, initial=start_step, disable=not (is_main and tcfg.progress), dynamic_ncols=True)
-    model.train()
-    started, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
+    bar = tqdm(total=tcfg.steps, initial=start_step, disable=not (run.is_main and tcfg.progress), dynamic_ncols=True)
+    run.model.train()
+    started, window = time.perf_counter(), Window()
     for step in range(start_step, end_step):
-        # One optimizer step: grad_accum micro-batches, gradients averaged over ranks.
         logging_step = (step + 1) % tcfg.log_every == 0 or step + 1 == end_step
-        health = model.record_routing() if logging_step and routed else None
-        lm_total, aux_total = 0.0, {}
-        for micro in range(tcfg.grad_accum):
-            index = step * tcfg.grad_accum + micro
-            batch = to_device(data.train_batch(index, tcfg.batch_size, rank, world_size), device)
-            if not routed:
-                batch = {k: v for k, v in batch.items() if k not in ("task_ids", "prompt_mask")}
-            recording = health if health is not None and micro == tcfg.grad_accum - 1 else contextlib.nullcontext()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.bf16), recording:
-                out = model(**batch)
-            loss = out.loss + aux_loss(model)
-            (loss / tcfg.grad_accum).backward()
-            lm_total += out.loss.item() / tcfg.grad_accum
-            for name, value in aux_terms(model).items():
-                aux_total[name] = aux_total.get(name, 0.0) + value.item() / tcfg.grad_accum
-            window_tokens += int(batch["attention_mask"].sum()) * world_size
-        if world_size > 1:
-            for param in trainable:
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-                dist.all_reduce(param.grad)
-                param.grad /= world_size
-        clip = tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        result = train_step(run, step, record_health=logging_step)
+        window.tokens += result.tokens
+        if not result.finite:
+            handle_bad_step(run, progress, step + 1, result, bar)
+        progress.step = step + 1
         bar.update(1)
-
         if logging_step:
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / max(elapsed, 1e-9)
-            weighted_aux = sum(config.molora.aux_losses[k] * v for k, v in aux_total.items())
-            record = {
-                "step": step + 1,
-                "type": "train",
-                "loss": lm_total + weighted_aux,
-                "lm_loss": lm_total,
-                **{f"aux/{k}": v for k, v in aux_total.items()},
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": tokens_per_s,
-                "grad_norm": grad_norm,
-                **(health_summary(health) if health is not None else {}),
-            }
-            log(record)
-            bar.set_postfix(loss=f"{lm_total:.3f}", tok_s=f"{tokens_per_s:.0f}")
-            window_tokens, window_start = 0, time.perf_counter()
+            log_train_step(run, progress, result, window, bar)
         if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0 and step + 1 < tcfg.steps:
-            evaluate_and_log(step + 1, bar)
-        if is_main and ((tcfg.save_every and (step + 1) % tcfg.save_every == 0) or step + 1 == end_step):
-            extra = {"eval_before": before}
-            save_checkpoint(run_dir, model, optimizer, scheduler, step + 1, extra, tcfg.keep_checkpoints)
+            evaluate_and_log(run, step + 1, bar)
+        if run.is_main and ((tcfg.save_every and (step + 1) % tcfg.save_every == 0) or step + 1 == end_step):
+            save_run_checkpoint(run, progress)
     bar.close()
     seconds = time.perf_counter() - started
-
     if end_step < tcfg.steps:  # stopped early on request; --resume continues from the checkpoint
-        return {"before": before, "stopped_at": end_step}
-    after, recorder = evaluate_and_log(tcfg.steps)
-    steps_run = end_step - start_step
-    return _finish(
-        run_dir, config, model, before, after, steps_run, seconds, recorder, device, is_main, world_size, trainable
+        return {"before": progress.before, "stopped_at": end_step}
+    after, recorder = evaluate_and_log(run, tcfg.steps)
+    return _finish(run, progress.before, after, end_step - start_step, seconds, recorder)
+
+
+@dataclass
+class Window:
+    """Tokens and time since the last logged step, for tokens/s."""
+
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class StepResult:
+    lm_loss: float
+    aux: dict[str, float]
+    grad_norm: float
+    tokens: int
+    health: RoutingRecorder | None
+    finite: bool = True
+    bad_router: str | None = None  # first layer whose router output was not finite, when one was
+
+
+def train_step(run: Run, step: int, record_health: bool) -> StepResult:
+    """One optimizer step: grad_accum micro-batches, gradients averaged over ranks, skipped if not finite."""
+    tcfg, model = run.config.train, run.model
+    health = model.record_routing() if record_health and run.routed else None
+    lm_total, aux_total, tokens = 0.0, {}, 0
+    for micro in range(tcfg.grad_accum):
+        index = step * tcfg.grad_accum + micro
+        batch = to_device(run.data.train_batch(index, tcfg.batch_size, run.rank, run.world_size), run.device)
+        if not run.routed:
+            batch = {k: v for k, v in batch.items() if k not in ("task_ids", "prompt_mask")}
+        recording = health if health is not None and micro == tcfg.grad_accum - 1 else contextlib.nullcontext()
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=tcfg.bf16), recording:
+            out = model(**batch)
+        loss = out.loss + aux_loss(model)
+        (loss / tcfg.grad_accum).backward()
+        lm_total += out.loss.item() / tcfg.grad_accum
+        for name, value in aux_terms(model).items():
+            aux_total[name] = aux_total.get(name, 0.0) + value.item() / tcfg.grad_accum
+        tokens += int(batch["attention_mask"].sum()) * run.world_size
+    if run.world_size > 1:
+        for param in run.trainable:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad)
+            param.grad /= run.world_size
+    clip = tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, clip))
+    result = StepResult(lm_total, aux_total, grad_norm, tokens, health)
+    # A non-finite gradient anywhere makes the norm non-finite, on every rank alike (it is taken after all_reduce).
+    result.finite = all(math.isfinite(v) for v in (lm_total, grad_norm, *aux_total.values()))
+    if result.finite:
+        run.optimizer.step()
+    else:
+        result.bad_router = first_nonfinite_router(model)
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+def first_nonfinite_router(model: nn.Module) -> str | None:
+    """The first adapted layer (in module order) whose last router output holds NaN or inf."""
+    if not isinstance(model, MoLoRAModel):
+        return None
+    for name, layer in model.named_modules():
+        route = getattr(layer, "last_route", None)
+        if route is not None and not bool(torch.isfinite(route[0].logits).all()):
+            return name.removeprefix("base_model.")
+    return None
+
+
+def handle_bad_step(run: Run, progress: Progress, step: int, result: StepResult, bar) -> None:
+    """Skip the step while train.max_bad_steps allows, else stop with what went wrong (nothing is saved)."""
+    values = {"lm_loss": result.lm_loss, **{f"aux/{k}": v for k, v in result.aux.items()}}
+    terms = [k for k, v in values.items() if not math.isfinite(v)]
+    if not math.isfinite(result.grad_norm):
+        terms.append("grad_norm")
+    where = f"; first layer whose router produced non-finite values: {result.bad_router}" if result.bad_router else ""
+    what = f"step {step}: non-finite {', '.join(terms)}{where}"
+    progress.bad_steps += 1
+    if progress.bad_steps > run.config.train.max_bad_steps:
+        last = checkpoint_folders(run.run_dir)
+        kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
+        raise NonFiniteError(
+            f"{what}; stopping ({kept}; train.max_bad_steps={run.config.train.max_bad_steps} allows skipping such "
+            "steps)"
+        )
+    run.log(
+        {"step": step, "type": "bad_step", "terms": terms, "router": result.bad_router, "bad_steps": progress.bad_steps}
     )
+    run.say(f"skipped {what} ({progress.bad_steps} of train.max_bad_steps={run.config.train.max_bad_steps})", bar)
 
 
-def _finish(
-    run_dir, config, model, before, after, steps_run, seconds, recorder, device, is_main, world_size, trainable
-) -> dict[str, Any]:
+def log_train_step(run: Run, progress: Progress, result: StepResult, window: Window, bar) -> None:
+    elapsed = time.perf_counter() - window.start
+    tokens_per_s = window.tokens / max(elapsed, 1e-9)
+    weighted_aux = sum(run.config.molora.aux_losses[k] * v for k, v in result.aux.items())
+    run.log(
+        {
+            "step": progress.step,
+            "type": "train",
+            "loss": result.lm_loss + weighted_aux,
+            "lm_loss": result.lm_loss,
+            **{f"aux/{k}": v for k, v in result.aux.items()},
+            "lr": run.scheduler.get_last_lr()[0],
+            "tokens_per_s": tokens_per_s,
+            "grad_norm": result.grad_norm,
+            "bad_steps": progress.bad_steps,
+            **(health_summary(result.health) if result.health is not None else {}),
+        }
+    )
+    bar.set_postfix(loss=f"{result.lm_loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
+    window.tokens, window.start = 0, time.perf_counter()
+
+
+def _finish(run: Run, before: dict, after: dict, steps_run: int, seconds: float, recorder) -> dict[str, Any]:
     """Check ranks agree, then (rank 0) write adapter/, eval.json, summary.md and routing/."""
+    config, trainable = run.config, run.trainable if run.optimizer is not None else []
     result = {
         "before": before,
         "after": after,
         "steps": config.train.steps if trainable else 0,
         "seconds": seconds,
         "seconds_per_step": seconds / steps_run if steps_run else None,
-        "world_size": world_size,
+        "world_size": run.world_size,
         "trainable_params": sum(p.numel() for p in trainable),
-        "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_mb": peak_memory_mb(run.device),
     }
-    if world_size > 1 and trainable:  # every rank must hold the same adapter; a cheap order-sensitive checksum
+    if run.world_size > 1 and trainable:  # every rank must hold the same adapter; a cheap order-sensitive checksum
         flat = torch.cat([p.detach().flatten() for p in trainable]).double()
         ramp = torch.linspace(1, 2, flat.numel(), dtype=torch.float64, device=flat.device)
         checksum = torch.stack([flat.sum(), flat.abs().sum(), (flat * ramp).sum()])
-        gathered = [torch.zeros_like(checksum) for _ in range(world_size)]
+        gathered = [torch.zeros_like(checksum) for _ in range(run.world_size)]
         dist.all_gather(gathered, checksum)
         if not all(torch.equal(g, gathered[0]) for g in gathered):
             raise RuntimeError(f"adapters differ across ranks: {[g.tolist() for g in gathered]}")
         result["ranks_identical"] = True
-    if is_main:
+    if run.is_main:
         if trainable:
-            model.save_pretrained(run_dir / "adapter")
+            check_finite({n: p for n, p in run.model.named_parameters() if p.requires_grad}, "final adapter")
+            run.model.save_pretrained(run.run_dir / "adapter")
         if recorder is not None:
-            stats = write_report(recorder, run_dir / "routing", title=f"Routing of {run_dir.name} on the eval sets")
+            title = f"Routing of {run.run_dir.name} on the eval sets"
+            stats = write_report(recorder, run.run_dir / "routing", title=title)
             result["routing"] = {k: v for k, v in stats["aggregate"].items() if k != "layer_expert_load"}
-        atomic_write(run_dir / "eval.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
-        _write_summary(run_dir, config, before, after, result["steps"], seconds, result["trainable_params"])
-    if world_size > 1:
+        atomic_write(run.run_dir / "eval.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
+        _write_summary(run.run_dir, config, before, after, result["steps"], seconds, result["trainable_params"])
+    if run.world_size > 1:
         dist.barrier()
     return result
 

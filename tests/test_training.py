@@ -35,6 +35,7 @@ def test_training_lowers_eval_loss_and_writes_the_run_folder(tiny, tmp_path):
         assert result["after"][domain]["loss"] < result["before"][domain]["loss"] - 0.3, domain
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} == {
+        ".molora-train.lock",
         "config.yaml",
         "metrics.jsonl",
         "eval.json",
