@@ -26,9 +26,8 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"molora-train: error: {err}", file=sys.stderr)
         return 2
     run_dir = args.output_dir or Path("runs") / args.config.stem
-    from molora.training import train
-
     from molora.checkpoint import NonFiniteError
+    from molora.training import train
 
     try:
         result = train(config, run_dir, resume=args.resume)

@@ -12,8 +12,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from molora.adapter_load import AdapterLoadResult
 from molora.config import CONFIG_NAME, MoLoRAConfig
-from molora.context import MaskCapture, RoutingContext, checkpoint_context_fn, current_context, routing_context
+from molora.context import (
+    MaskCapture,
+    RoutingContext,
+    checkpoint_context_fn,
+    current_context,
+    find_cache_length,
+    routing_context,
+)
+from molora.inputs import CallShape, check_batch, first_input, prompt_mask_tensor, task_id_tensor
 from molora.inspect import RoutingRecorder
 from molora.layer import MoLoRALinear
 from molora.losses import aux_term_means, layer_aux_terms
@@ -21,16 +30,6 @@ from molora.patcher import InjectionReport, inject, molora_layers, unload
 from molora.utils import atomic_write
 
 WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-def _as_tensor(value: Any, dtype: torch.dtype, what: str) -> torch.Tensor | None:
-    if value is None:
-        return None
-    tensor = torch.as_tensor(value, dtype=dtype)
-    if tensor.dim() != (1 if what == "task_ids" else 2):
-        shape = "[batch]" if what == "task_ids" else "[batch, seq]"
-        raise ValueError(f"{what} must be {shape}, got shape {list(tensor.shape)}")
-    return tensor
 
 
 class MoLoRAModel(nn.Module):
@@ -42,6 +41,7 @@ class MoLoRAModel(nn.Module):
         self._saved_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         self.injection_report: InjectionReport = inject(model, config)
         self.base_model = model
+        self.load_result: AdapterLoadResult | None = None  # what from_pretrained loaded (strict=False may skip)
         self._layers: tuple[tuple[str, MoLoRALinear], ...] = tuple(molora_layers(model))  # fixed once injected
         self._aux_means: tuple[list, dict[str, torch.Tensor]] | None = None  # (refs to their routes, means)
         self._mask_captures = [
@@ -67,33 +67,63 @@ class MoLoRAModel(nn.Module):
             return getattr(self.base_model, name)
 
     # Forward and generation -------------------------------------------------------------------------------------
-    def _context(self, task_ids: Any, prompt_mask: Any, device: torch.device) -> RoutingContext:
-        task_ids = _as_tensor(task_ids, torch.long, "task_ids")
-        prompt_mask = _as_tensor(prompt_mask, torch.bool, "prompt_mask")
-        num_tasks = self.molora_config.num_tasks
-        if self.molora_config.router == "task":
-            if task_ids is None:
-                raise ValueError("router='task' needs task_ids ([batch] ints) in forward()/generate()")
-            # (not while torch.compile traces: a data-dependent branch would split the graph)
-            checked = task_ids.numel() and not torch.compiler.is_compiling()
-            if checked and (task_ids.min() < 0 or task_ids.max() >= num_tasks):
-                raise ValueError(f"task_ids must be in [0, num_tasks={num_tasks}), got {task_ids.tolist()}")
+    def _context(
+        self,
+        task_ids: Any,
+        prompt_mask: Any,
+        device: torch.device,
+        shape: CallShape | None = None,
+        generating: bool = False,
+        needs_task_ids: bool = True,
+    ) -> RoutingContext:
+        """Check the routing inputs (type, shape, batch, range) before anything runs; a bad batch is a ValueError."""
+        task_ids = task_id_tensor(task_ids)
+        prompt_mask = prompt_mask_tensor(prompt_mask)
+        if self.molora_config.router == "task" and task_ids is None and needs_task_ids:
+            raise ValueError("router='task' needs task_ids ([batch] ints) in forward()/generate()")
+        if shape is not None:
+            check_batch(task_ids, prompt_mask, shape, generating)
+        # (not while torch.compile traces: a data-dependent branch would split the graph)
+        if task_ids is not None and task_ids.numel() and not torch.compiler.is_compiling():
+            num_tasks = self.molora_config.num_tasks
+            bad = task_ids < 0 if num_tasks is None else (task_ids < 0) | (task_ids >= num_tasks)
+            if bad.any():  # one check, so one device sync
+                bounds = ">= 0" if num_tasks is None else f"in [0, num_tasks={num_tasks})"
+                raise ValueError(f"task_ids must be {bounds}, got {task_ids.tolist()}")
         return RoutingContext(
             task_ids=None if task_ids is None else task_ids.to(device),
             prompt_mask=None if prompt_mask is None else prompt_mask.to(device),
         )
+
+    def _forward_shape(self, args: tuple, kwargs: dict[str, Any]) -> CallShape | None:
+        """The batch of a forward call; with a KV cache a decoder's prompt mask may also cover the cached tokens."""
+        found = first_input(args, kwargs, ("input_ids", "inputs_embeds"), "input_ids")
+        if found is None:  # encoder-decoder with encoder_outputs: the decoder inputs still give the batch
+            found = first_input(args, kwargs, ("decoder_input_ids", "decoder_inputs_embeds"), None)
+            return None if found is None else CallShape(found[0], found[1].shape[0], None)
+        name, value = found
+        lengths = (value.shape[1],)
+        if not getattr(getattr(self.base_model, "config", None), "is_encoder_decoder", False):
+            past = find_cache_length(args, kwargs)
+            if past:
+                lengths += (past + value.shape[1],)
+        return CallShape(name, value.shape[0], lengths)
 
     @property
     def device(self) -> torch.device:
         return next(self.base_model.parameters()).device
 
     def forward(self, *args: Any, task_ids: Any = None, prompt_mask: Any = None, **kwargs: Any) -> Any:
-        ctx = self._context(task_ids, prompt_mask, self.device)
         parent = current_context()
-        if parent is not None and parent.decode_state is not None:  # inside decoding_session(): keep its state
-            ctx.decode_state = parent.decode_state
-            ctx.task_ids = ctx.task_ids if ctx.task_ids is not None else parent.task_ids
-            ctx.prompt_mask = ctx.prompt_mask if ctx.prompt_mask is not None else parent.prompt_mask
+        session = parent if parent is not None and parent.decode_state is not None else None
+        inherited = session is not None and session.task_ids is not None
+        ctx = self._context(
+            task_ids, prompt_mask, self.device, self._forward_shape(args, kwargs), needs_task_ids=not inherited
+        )
+        if session is not None:  # inside decoding_session(): keep its state
+            ctx.decode_state = session.decode_state
+            ctx.task_ids = ctx.task_ids if ctx.task_ids is not None else session.task_ids
+            ctx.prompt_mask = ctx.prompt_mask if ctx.prompt_mask is not None else session.prompt_mask
         with routing_context(ctx):
             return self.base_model(*args, **kwargs)
 
@@ -126,13 +156,17 @@ class MoLoRAModel(nn.Module):
             )
 
     def generate(self, *args: Any, task_ids: Any = None, prompt_mask: Any = None, **kwargs: Any) -> Any:
+        """As the base model's generate(); task_ids and prompt_mask describe the prompts (one row per prompt)."""
         self._check_decoding(kwargs)
+        found = first_input(args, kwargs, ("input_ids", "inputs", "inputs_embeds"), "inputs")
+        shape = None if found is None else CallShape(found[0], found[1].shape[0], (found[1].shape[1],))
         if prompt_mask is None and self.molora_config.intuition_pooling == "prompt":
             prompt_mask = kwargs.get("attention_mask")
-            if prompt_mask is None:
-                inputs = kwargs.get("input_ids", args[0] if args else None)
-                prompt_mask = None if inputs is None else torch.ones_like(inputs, dtype=torch.bool)
-        with self.decoding_session(task_ids=task_ids, prompt_mask=prompt_mask):
+            if prompt_mask is None and found is not None:
+                prompt_mask = torch.ones(found[1].shape[:2], dtype=torch.bool, device=found[1].device)
+        ctx = self._context(task_ids, prompt_mask, self.device, shape, generating=True)
+        ctx.decode_state = {}
+        with routing_context(ctx):
             return self.base_model.generate(*args, **kwargs)
 
     # Aux losses -------------------------------------------------------------------------------------------------
@@ -276,9 +310,14 @@ class MoLoRAModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, path: str | Path, is_trainable: bool = False, verbose: bool = False
+        cls, model: nn.Module, path: str | Path, is_trainable: bool = False, verbose: bool = False, strict: bool = True
     ) -> MoLoRAModel:
-        """As PEFT: the adapter in eval mode and frozen unless is_trainable."""
+        """As PEFT: the adapter in eval mode and frozen unless is_trainable.
+
+        strict=False loads the tensors that fit, warns about the rest and keeps the result as `.load_result`. When
+        loading fails, `model` is given back as it was (the injected layers are taken out again).
+        """
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         directory = Path(path)
@@ -286,27 +325,50 @@ class MoLoRAModel(nn.Module):
         if not weights.is_file():
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
         config = MoLoRAConfig.from_json_file(directory / CONFIG_NAME)
+        try:
+            state = load_file(str(weights))
+        except SafetensorError as err:
+            raise ValueError(f"{weights} is not a readable safetensors file ({err})") from None
         molora = cls(model, config, verbose=verbose)
-        molora.load_adapter_state_dict(load_file(str(weights)))
+        try:
+            molora.load_result = molora.load_adapter_state_dict(state, strict=strict)
+        except ValueError as err:
+            molora.unload()
+            raise ValueError(
+                f"{directory}: {err}\n(its {CONFIG_NAME} describes the adapter that was built here; the weights "
+                "disagree with it or with this base model)"
+            ) from None
         if not is_trainable:
             molora.eval()
             for param in molora.parameters():
                 param.requires_grad_(False)
         return molora
 
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> AdapterLoadResult:
+        """Copy checkpoint tensors into the experts and routers; never re-initialises what does not fit.
+
+        strict=True: a ValueError listing missing/unexpected keys by module and every shape mismatch, raised
+        before any tensor is copied. strict=False: copy what fits, warn with the same report and return it.
+        """
         expected = self.adapter_state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"adapter checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
+        result = AdapterLoadResult(
+            missing_keys=sorted(set(expected) - set(state)), unexpected_keys=sorted(set(state) - set(expected))
+        )
         for key, target in expected.items():
+            if key not in state:
+                continue
             if state[key].shape != target.shape:
-                raise ValueError(f"adapter tensor {key}: checkpoint {list(state[key].shape)} vs {list(target.shape)}")
+                result.mismatched_keys.append((key, list(state[key].shape), list(target.shape)))
+            else:
+                result.loaded_keys.append(key)
+        if strict and not result.ok:
+            raise ValueError(str(result))
         with torch.no_grad():
-            for key, target in expected.items():
-                target.copy_(state[key])
+            for key in result.loaded_keys:
+                expected[key].copy_(state[key])
+        if not result.ok:
+            warnings.warn(f"{result}\n(strict=False: those tensors keep their current values)", stacklevel=2)
+        return result
 
 
 def get_molora_model(model: nn.Module, config: MoLoRAConfig, verbose: bool = False) -> MoLoRAModel:
@@ -316,4 +378,4 @@ def get_molora_model(model: nn.Module, config: MoLoRAConfig, verbose: bool = Fal
     return MoLoRAModel(model, config, verbose=verbose)
 
 
-__all__ = ["MoLoRALinear", "MoLoRAModel", "get_molora_model"]
+__all__ = ["AdapterLoadResult", "MoLoRALinear", "MoLoRAModel", "get_molora_model"]

@@ -107,5 +107,5 @@ def test_clear_errors(tokenizer, tmp_path):
     long.write_text(
         "".join(json.dumps({"domain": "d", "prompt": "p" * 50 + str(i), "response": ""}) + "\n" for i in range(5))
     )
-    with pytest.raises(ValueError, match="empty after filtering"):
+    with pytest.raises(ValueError, match=r"long\.jsonl, line 1: field 'response' \(data\.response_field\) is empty"):
         MultiDomainData(DataConfig(domains=["d"], files=[str(long)], max_length=16), tokenizer)
