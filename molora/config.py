@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -15,21 +16,27 @@ from molora.version import __version__
 EXPERT_TYPES = ("lora", "rank1")
 INTUITION_POOLINGS = ("causal", "prompt", "mean")
 DISPATCHES = ("auto", "dense", "grouped")
+# Routers divide fp32 logits by the temperature: at 1e-3 logits of ~100 become 1e5 and their squared logsumexp (the
+# z-loss) 1e10, far from fp32's 3e38; 5e-324 is 0 in fp32 and gave NaN outputs. Lower is an argmax in all but name.
+MIN_ROUTER_TEMPERATURE = 1e-3
 CONFIG_NAME = "molora_config.json"
 _WARNED_UNKNOWN_KEYS: set[str] = set()
 
 
-def _check_patterns(name: str, value: Any, *, minimum: int | float, kind: type) -> None:
+def _check_patterns(name: str, value: Any, *, minimum: int | float, kind: type, strict: bool = False) -> None:
     if value is None:
         return
     if not isinstance(value, dict):
         raise ValueError(f"{name} must be a dict {{regex: value}} or None, got {type(value).__name__}")
     for key, val in value.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{name}: keys must be regex strings, got {key!r}")
         try:
-            re.compile(key)
+            # compiled as pattern_lookup uses it: a global flag such as (?i) is an error there, not at the start
+            re.compile(_suffix_regex(key))
         except re.error as err:
             raise ValueError(f"{name}: pattern {key!r} is not a valid regex ({err})") from None
-        _check_number(f"{name}[{key!r}]", val, minimum=minimum, kind=kind)
+        _check_number(f"{name}[{key!r}]", val, minimum=minimum, kind=kind, strict=strict)
 
 
 def _check_number(name: str, value: Any, *, minimum: int | float, kind: type, strict: bool = False) -> None:
@@ -38,15 +45,28 @@ def _check_number(name: str, value: Any, *, minimum: int | float, kind: type, st
         ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok_type:
         raise ValueError(f"{name} must be {kind.__name__}, got {value!r}")
+    # NaN passes every comparison below, and an infinite scale or weight turns the zero-initialised adapter into NaN.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < minimum or (strict and value == minimum):
         relation = ">" if strict else ">="
         raise ValueError(f"{name} must be {relation} {minimum}, got {value!r}")
 
 
+def _check_choice(name: str, value: Any, choices: Any) -> None:
+    # isinstance first: an unhashable value (a list) would raise TypeError from `in` on a dict.
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+
+
+def _suffix_regex(key: str) -> str:
+    return rf"(?:.*\.)?(?:{key})"
+
+
 def pattern_lookup(patterns: dict[str, Any] | None, module_name: str) -> tuple[str, Any] | None:
     """First {regex: value} entry matching the module name or one of its dotted suffixes (as PEFT's rank_pattern)."""
     for key, value in (patterns or {}).items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{key})", module_name):
+        if re.fullmatch(_suffix_regex(key), module_name):
             return key, value
     return None
 
@@ -84,6 +104,15 @@ class MoLoRAConfig:
     init_lora_weights: bool = True
 
     def __post_init__(self) -> None:
+        self.validate()
+        if self.router == "softmax" and self.top_k is not None:
+            warnings.warn("top_k is ignored by router='softmax' (dense); use router='topk'", stacklevel=3)
+
+    def validate(self) -> None:
+        """Check every field (ValueError naming it) and normalise the shorthands (top_k defaults, an int layer).
+
+        Injection calls it again: the fields are plain attributes, so a config can be changed after construction.
+        """
         # Imported here so that the registries (which users may extend) stay below the config in the dependency order.
         from molora.losses import AUX_LOSSES
         from molora.routers import ROUTERS, SPARSE_DEFAULT_TOP_K
@@ -100,6 +129,10 @@ class MoLoRAConfig:
             raise ValueError(f"target_modules must be a list of names or a regex string, got {self.target_modules!r}")
         if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = list(self.exclude_modules)
+            if not all(isinstance(t, str) and t for t in self.exclude_modules):
+                raise ValueError(
+                    f"exclude_modules must be a list of names, a regex or None, got {self.exclude_modules!r}"
+                )
         elif isinstance(self.exclude_modules, str):
             self._check_regex("exclude_modules", self.exclude_modules)
         elif self.exclude_modules is not None:
@@ -111,18 +144,20 @@ class MoLoRAConfig:
             _check_patterns("num_experts", self.num_experts, minimum=1, kind=int)
         else:
             _check_number("num_experts", self.num_experts, minimum=1, kind=int)
-        if self.expert_type not in EXPERT_TYPES:
-            raise ValueError(f"expert_type must be one of {EXPERT_TYPES}, got {self.expert_type!r}")
+        _check_choice("expert_type", self.expert_type, EXPERT_TYPES)
         _check_number("rank", self.rank, minimum=1, kind=int)
         _check_number("alpha", self.alpha, minimum=0, kind=float, strict=True)
         _check_number("dropout", self.dropout, minimum=0, kind=float)
         if self.dropout >= 1:
             raise ValueError(f"dropout must be < 1, got {self.dropout!r}")
         _check_patterns("rank_pattern", self.rank_pattern, minimum=1, kind=int)
-        _check_patterns("alpha_pattern", self.alpha_pattern, minimum=0, kind=float)
+        # > 0 as alpha: a zero scaling would leave the module's experts without gradient
+        _check_patterns("alpha_pattern", self.alpha_pattern, minimum=0, kind=float, strict=True)
 
-        if self.router not in ROUTERS:
-            raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {self.router!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"use_rslora must be True or False, got {self.use_rslora!r}")
+
+        _check_choice("router", self.router, ROUTERS)
         if self.router in SPARSE_DEFAULT_TOP_K and self.top_k is None:
             self.top_k = SPARSE_DEFAULT_TOP_K[self.router]
         if self.top_k is not None and self.router != "softmax":
@@ -132,14 +167,15 @@ class MoLoRAConfig:
             smallest = min(self.num_experts.values()) if isinstance(self.num_experts, dict) else self.num_experts
             if self.top_k > smallest:
                 raise ValueError(f"top_k={self.top_k} is larger than num_experts={smallest}")
-        elif self.top_k is not None:
-            warnings.warn("top_k is ignored by router='softmax' (dense); use router='topk'", stacklevel=3)
         _check_number("router_temperature", self.router_temperature, minimum=0, kind=float, strict=True)
+        if self.router_temperature < MIN_ROUTER_TEMPERATURE:
+            raise ValueError(
+                f"router_temperature must be >= {MIN_ROUTER_TEMPERATURE:g} (the fp32 logits are divided by it, and "
+                f"a tinier one overflows them or the z-loss to inf/NaN), got {self.router_temperature!r}"
+            )
         _check_number("router_jitter", self.router_jitter, minimum=0, kind=float)
-        if self.dispatch not in DISPATCHES:
-            raise ValueError(f"dispatch must be one of {DISPATCHES}, got {self.dispatch!r}")
-        if self.intuition_pooling not in INTUITION_POOLINGS:
-            raise ValueError(f"intuition_pooling must be one of {INTUITION_POOLINGS}, got {self.intuition_pooling!r}")
+        _check_choice("dispatch", self.dispatch, DISPATCHES)
+        _check_choice("intuition_pooling", self.intuition_pooling, INTUITION_POOLINGS)
         if self.intuition_hidden is not None:
             _check_number("intuition_hidden", self.intuition_hidden, minimum=2, kind=int)
         if self.router == "task" and self.num_tasks is None:

@@ -154,6 +154,17 @@ def _scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+def _check_scaling(name: str, alpha: float, scaling: float, dtype: torch.dtype) -> None:
+    """The experts multiply their output by the scaling in the adapter dtype: 0 there trains nothing (every gradient
+    is 0), inf turns the zero-initialised output side into NaN (inf * 0)."""
+    value = torch.tensor(scaling, dtype=dtype)
+    if value == 0 or not torch.isfinite(value):
+        raise ValueError(
+            f"alpha={alpha!r} (alpha or alpha_pattern) gives {name} the scaling {scaling:g}, which is {value.item()} "
+            f"in {dtype}; choose alpha within a few orders of magnitude of the rank"
+        )
+
+
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     # As PEFT's autocast_adapter_dtype: half-precision bases get fp32 adapters.
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
@@ -161,6 +172,9 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def inject(model: nn.Module, config: MoLoRAConfig) -> InjectionReport:
     """Wrap every targeted module in place and freeze the base; returns the report."""
+    if not isinstance(config, MoLoRAConfig):
+        raise ValueError(f"config must be a MoLoRAConfig, got {type(config).__name__}")
+    config.validate()  # again: its fields may have been assigned since construction
     targets, excluded = find_targets(model, config)
     router_cls = ROUTERS[config.router]
     pooling_by_role = {"decoder": "causal", "cross": "mean"}
@@ -187,6 +201,7 @@ def inject(model: nn.Module, config: MoLoRAConfig) -> InjectionReport:
         )
         router = router_cls.from_config(d_in, num_experts, config, **overrides).to(weight.device)
         scaling = _scaling(alpha, experts.adapter_rank, config.use_rslora)
+        _check_scaling(name, alpha, scaling, _adapter_dtype(weight))
         layer = MoLoRALinear(
             module,
             name=name,
