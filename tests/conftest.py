@@ -18,22 +18,26 @@ ARCHS = ["llama", "gpt2", "bert"]
 NUM_TASKS = 3
 
 
-def build_base(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+# Llama and Qwen2 share these sizes (same module names, so the same targets)
+LLAMA_LIKE = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def build_base(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **sizes) -> torch.nn.Module:
+    """A tiny random model; `sizes` override the Llama/Qwen2 config (e.g. hidden_size)."""
     torch.manual_seed(seed)
     if arch == "llama":
-        config = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(LlamaConfig(**{**LLAMA_LIKE, **sizes}))
     elif arch == "gpt2":
         config = GPT2Config(
             vocab_size=VOCAB,
@@ -52,19 +56,7 @@ def build_base(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
     elif arch == "qwen2":
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
-        config = Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        model = Qwen2ForCausalLM(config)
+        model = Qwen2ForCausalLM(Qwen2Config(**{**LLAMA_LIKE, **sizes}))
     elif arch == "bart":
         from transformers import BartConfig, BartForConditionalGeneration
 

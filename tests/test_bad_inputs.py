@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from molora import get_molora_model
 from molora.cli import train_main
@@ -49,17 +49,7 @@ def edit_config(path: Path, **changes) -> None:
 
 def wide_llama(hidden: int = 48) -> LlamaForCausalLM:
     """The conftest llama with another hidden size (same module names, other shapes)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=hidden,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return build_base("llama", hidden_size=hidden)
 
 
 def adapted_linears(model: torch.nn.Module, targets: list[str]) -> dict[str, torch.nn.Linear]:

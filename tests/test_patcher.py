@@ -1,7 +1,6 @@
 import pytest
 import torch
 from torch import nn
-from transformers import BartConfig, BartForConditionalGeneration
 
 from molora import MoLoRAConfig, MoLoRALinear, MoLoRAModel, get_molora_model
 from tests.conftest import build_base, molora_config
@@ -101,20 +100,8 @@ def test_injecting_twice_is_an_error():
 
 
 def test_encoder_decoder_roles_pick_masks_and_pooling():
-    torch.manual_seed(0)
-    config = BartConfig(
-        vocab_size=64,
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=32,
-        decoder_ffn_dim=32,
-        max_position_embeddings=64,
-    )
     model = get_molora_model(
-        BartForConditionalGeneration(config).eval(),
+        build_base("bart"),
         MoLoRAConfig(target_modules=["q_proj", "k_proj"], router="intuition", intuition_pooling="mean"),
     )
     by_name = {n: m.role for n, m in _layers(model).items()}

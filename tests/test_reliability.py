@@ -295,16 +295,9 @@ def test_non_finite_weights_are_never_written(spec, tmp_path):
 def test_the_nan_guard_test_can_fail_without_the_guard(spec, tmp_path, monkeypatch):
     """With the step check and the save check both off, the poisoned step reaches the weights on disk."""
     _poison_router(monkeypatch, {3})
-    real_step = molora.training.train_step
-
-    def unguarded_step(run, step, record_health):
-        result = real_step(run, step, record_health)
-        return result
-
     monkeypatch.setattr(molora.checkpoint, "check_finite", lambda tensors, what: None)
     monkeypatch.setattr(molora.training, "check_finite", lambda tensors, what: None)
-    monkeypatch.setattr(math, "isfinite", lambda value: True)  # train_step's and handle_bad_step's checks
-    monkeypatch.setattr(molora.training, "train_step", unguarded_step)
+    monkeypatch.setattr(math, "isfinite", lambda value: True)  # the step check in train_step
     run = tmp_path / "run"
     train(RunConfig.from_dict({**spec, "train": {**spec["train"], "steps": 4, "save_every": 4}}), run)
     assert not _finite_checkpoints(run)
