@@ -1,7 +1,7 @@
 """A long run leaks nothing: resident memory stays flat over 2,000 steps with everything on.
 
 Routing recording (every logged step), logging, evaluation and checkpointing all run; a hook, an autograd graph or
-a cache kept across steps would grow the process. Slow (~2 min on 2 CPU cores), so not in the default run:
+a cache kept across steps would grow the process. Slow (minutes on 2 CPU cores), so not in the default run:
 `python -m pytest -m soak tests/test_soak.py -s`.
 """
 
@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 import molora.training
 from molora.run_config import RunConfig
@@ -44,20 +45,41 @@ class StepProbe:
         monkeypatch.setattr(molora.training, "log_train_step", log_and_sample)
 
 
-@pytest.mark.soak
-def test_resident_memory_stays_flat_over_2000_steps(tmp_path, monkeypatch):
+def soak(tmp_path, monkeypatch, steps: int, leak_mb: float = 0.0) -> tuple[float, float, float]:
+    """(RSS growth after warm-up to the end, its peak, seconds) of a tiny run with everything on.
+
+    leak_mb > 0 keeps that much per training step alive on purpose (a stand-in for a leaked graph or cache).
+    """
     spec = tiny_run_config(save_tiny_model(tmp_path / "model"), write_toy_domains(tmp_path / "toy.jsonl"))
-    spec["train"].update(steps=STEPS, log_every=10, eval_every=200, save_every=100, batch_size=4)
+    spec["train"].update(steps=steps, log_every=10, eval_every=200, save_every=100, batch_size=4)
     probe = StepProbe(monkeypatch)
+    if leak_mb:
+        kept = []
+        real_step = molora.training.train_step
+
+        def leaking_step(run, step, record_health):
+            kept.append(torch.ones(int(leak_mb * 2**20 / 4)))
+            return real_step(run, step, record_health)
+
+        monkeypatch.setattr(molora.training, "train_step", leaking_step)
     started = time.perf_counter()
     train(RunConfig.from_dict(spec), tmp_path / "run")
     seconds = time.perf_counter() - started
-    settled = [rss for step, rss in probe.samples if step >= STEPS * WARMUP_FRACTION]
-    growth = settled[-1] - settled[0]
-    peak_growth = max(settled) - settled[0]
+    settled = [rss for step, rss in probe.samples if step >= steps * WARMUP_FRACTION]
+    return settled[-1] - settled[0], max(settled) - settled[0], seconds
+
+
+@pytest.mark.soak
+def test_resident_memory_stays_flat_over_2000_steps(tmp_path, monkeypatch):
+    growth, peak_growth, seconds = soak(tmp_path, monkeypatch, STEPS)
     print(
-        f"\nsoak: {STEPS} steps in {seconds:.0f} s; RSS after warm-up {settled[0]:.1f} MB, at the end "
-        f"{settled[-1]:.1f} MB (growth {growth:+.1f} MB, peak {peak_growth:+.1f} MB)"
+        f"\nsoak: {STEPS} steps in {seconds:.0f} s; RSS growth after warm-up {growth:+.1f} MB (peak {peak_growth:+.1f})"
     )
     assert growth < MAX_GROWTH_MB and peak_growth < 2 * MAX_GROWTH_MB
     assert threading.active_count() < 8  # no thread per step (progress bars, writers)
+
+
+@pytest.mark.soak
+def test_the_soak_test_can_fail_when_a_step_leaks(tmp_path, monkeypatch):
+    growth, _, _ = soak(tmp_path, monkeypatch, 300, leak_mb=0.25)  # 0.25 MB x 270 steps after warm-up
+    assert growth > MAX_GROWTH_MB
