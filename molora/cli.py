@@ -65,7 +65,7 @@ def inspect_main(argv: list[str] | None = None) -> int:
             domains = list(read_user_files(DataConfig(domains=["user"], files=files)))
             overrides += [f"data.files={files}", f"data.domains={domains}"]
         config = load_run_config(args.run / "config.yaml", overrides)
-        from molora.training import inspect_run
+        from molora.evaluation import inspect_run
 
         stats = inspect_run(config, args.run, args.output_dir or args.run / "routing")
     except (ValueError, FileNotFoundError) as err:

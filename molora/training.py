@@ -1,4 +1,4 @@
-"""The training loop (nanoGPT-style: prepare, resume, step, log, evaluate, checkpoint), plus eval helpers.
+"""The training loop, in parts that each read on their own: prepare, resume, step (with the NaN guard), log, finish.
 
 Runs unchanged under `torchrun --nproc_per_node=N`: each rank takes its slice of every global batch, gradients
 are averaged with all_reduce, and only rank 0 writes.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -37,64 +35,12 @@ from molora.checkpoint import (
     set_rng_state,
 )
 from molora.data import MultiDomainData
+from molora.evaluation import CollapseAlarm, evaluate, peak_memory_mb, to_device, write_summary
 from molora.inspect import RoutingRecorder, health_summary, write_report
-from molora.model import MoLoRAModel, get_molora_model
+from molora.model import MoLoRAModel
 from molora.run_config import RunConfig
+from molora.run_setup import build_model, load_adapter_weights, lr_factor, make_optimizer, setup_distributed
 from molora.utils import atomic_write, atomic_write_text
-
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, device
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup, then cosine decay to min_ratio of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_optimizer(model: MoLoRAModel, config: RunConfig) -> torch.optim.AdamW:
-    experts = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
-    routers = [p for n, p in model.named_parameters() if p.requires_grad and ".router." in n]
-    router_lr = config.train.router_lr or config.train.lr
-    groups = [{"params": experts, "lr": config.train.lr}, {"params": routers, "lr": router_lr}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.train.weight_decay)
-
-
-def build_model(base: nn.Module, config: RunConfig) -> nn.Module:
-    """The model to train: the mixture, a parameter-matched PEFT LoRA baseline, or the bare base model."""
-    adapter = config.model.adapter
-    if adapter == "none":
-        for param in base.parameters():
-            param.requires_grad_(False)
-        return base
-    if adapter == "peft-lora":
-        from peft import LoraConfig, get_peft_model
-
-        rank = config.model.peft_rank
-        if rank is None:  # match the mixture's trainable parameters
-            probe = get_molora_model(base, config.molora)
-            mixture_params = probe.get_nb_trainable_parameters()[0]
-            widths = sum(r.in_features + r.out_features for r in probe.injection_report.modules)
-            probe.unload()
-            rank = max(1, round(mixture_params / widths))
-        target = config.molora.target_modules
-        lora = LoraConfig(
-            r=rank, lora_alpha=2 * rank, target_modules=target, layers_to_transform=config.molora.layers_to_transform
-        )
-        return get_peft_model(base, lora)
-    return get_molora_model(base, config.molora)
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor | float:
@@ -103,116 +49,6 @@ def aux_loss(model: nn.Module) -> torch.Tensor | float:
 
 def aux_terms(model: nn.Module) -> dict[str, torch.Tensor]:
     return model.aux_loss_terms() if isinstance(model, MoLoRAModel) else {}
-
-
-class CollapseAlarm:
-    """Flags experts under 1/(10E) of the load for `patience` consecutive evaluations, and low routing entropy."""
-
-    def __init__(self, patience: int, entropy_ratio: float):
-        self.patience, self.entropy_ratio = patience, entropy_ratio
-        self.streak: dict[tuple[str, int], int] = {}
-
-    def check(self, stats: dict[str, Any]) -> list[str]:
-        messages = []
-        for layer, s in stats["layers"].items():
-            num_experts = len(s["load"])
-            for expert, load in enumerate(s["load"]):
-                key = (layer, expert)
-                self.streak[key] = self.streak.get(key, 0) + 1 if load < 1 / (10 * num_experts) else 0
-                if self.streak[key] == self.patience:
-                    messages.append(f"expert {expert} of {layer} under 1/(10E) of the load for {self.patience} evals")
-            floor = self.entropy_ratio * math.log(num_experts)
-            if num_experts > 1 and s["entropy"] < floor:
-                messages.append(f"routing entropy of {layer} is {s['entropy']:.3f} < {floor:.3f}")
-        return messages
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, data: MultiDomainData, config: RunConfig, device: torch.device, recorder=None
-) -> dict[str, Any]:
-    """Per-domain token-weighted loss and perplexity on the held-out split, plus the mean over domains.
-
-    With a RoutingRecorder, the same forwards also record routing per domain.
-    """
-    was_training = model.training
-    model.eval()
-    results: dict[str, Any] = {}
-    with recorder if recorder is not None else contextlib.nullcontext():
-        _evaluate_domains(model, data, config, device, results)
-    results["mean"] = {"loss": sum(r["loss"] for r in results.values()) / len(data.domains)}
-    model.train(was_training)
-    return results
-
-
-def _evaluate_domains(model, data, config, device, results) -> None:
-    for domain in data.domains:
-        loss_sum, tokens = 0.0, 0
-        for batch in data.eval_batches(domain, config.train.eval_batch_size):
-            batch = to_device(batch, device)
-            labels = batch.pop("labels")
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.bf16):
-                logits = model(**batch).logits
-            targets = labels[:, 1:]
-            loss_sum += float(
-                F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
-                )
-            )
-            tokens += int((targets != -100).sum())
-        loss = loss_sum / max(tokens, 1)
-        results[domain.name] = {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": tokens}
-
-
-def _describe(config: RunConfig) -> str:
-    if config.model.adapter != "molora":
-        return f"adapter `{config.model.adapter}`"
-    m = config.molora
-    return f"experts {m.expert_type} x{m.num_experts} (rank {m.rank}), router `{m.router}`"
-
-
-def load_adapter_weights(model: nn.Module, directory: Path) -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(str(directory / "adapter_model.safetensors"))
-    if isinstance(model, MoLoRAModel):
-        model.load_adapter_state_dict(state)
-    else:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, state)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak resident memory of this process (CPU) or peak allocated device memory (CUDA), in MiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _write_summary(
-    run_dir: Path, config: RunConfig, before: dict, after: dict, steps: int, seconds: float, trainable: int
-) -> None:
-    lines = [
-        f"# {run_dir.name}",
-        "",
-        f"model `{config.model.name}`, {_describe(config)}, {steps} steps, "
-        f"{trainable:,} trainable parameters, {seconds / 60:.1f} min",
-        "",
-        "| domain | eval loss before | eval loss after | ppl before | ppl after |",
-        "|---|---|---|---|---|",
-    ]
-    for name in [k for k in after if k != "mean"]:
-        b, a = before[name], after[name]
-        lines.append(f"| {name} | {b['loss']:.3f} | {a['loss']:.3f} | {b['ppl']:.1f} | {a['ppl']:.1f} |")
-    lines.append(f"| **mean** | {before['mean']['loss']:.3f} | {after['mean']['loss']:.3f} | | |")
-    atomic_write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
 
 
 @dataclass
@@ -562,18 +398,7 @@ def _finish(run: Run, before: dict, after: dict, steps_run: int, seconds: float,
             stats = write_report(recorder, run.run_dir / "routing", title=title)
             result["routing"] = {k: v for k, v in stats["aggregate"].items() if k != "layer_expert_load"}
         atomic_write(run.run_dir / "eval.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
-        _write_summary(run.run_dir, config, before, after, result["steps"], seconds, result["trainable_params"])
+        write_summary(run.run_dir, config, before, after, result["steps"], seconds, result["trainable_params"])
     if run.world_size > 1:
         dist.barrier()
     return result
-
-
-def inspect_run(config: RunConfig, run_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Reload a finished run's adapter, route its per-domain eval sets, write the routing report."""
-    _, _, device = setup_distributed()
-    base, tokenizer = load_base(config.model.name, task=config.model.task)
-    data = MultiDomainData(config.data, tokenizer)
-    model = MoLoRAModel.from_pretrained(base, Path(run_dir) / "adapter").to(device)
-    recorder = model.record_routing(domains=data.names)
-    evaluate(model, data, config, device, recorder)
-    return write_report(recorder, out_dir, title=f"Routing of {Path(run_dir).name} on {', '.join(data.names)}")

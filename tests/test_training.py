@@ -11,7 +11,8 @@ import yaml
 from safetensors.torch import load_file
 
 from molora.run_config import RunConfig
-from molora.training import lr_factor, train
+from molora.run_setup import lr_factor
+from molora.training import train
 from tests.tiny import save_tiny_model, tiny_run_config, write_toy_domains
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 def test_router_learning_rate_and_bf16_autocast(tiny, tmp_path):
     from molora import get_molora_model
     from molora.base_models import load_base
-    from molora.training import make_optimizer
+    from molora.run_setup import make_optimizer
 
     model_dir, data_file = tiny
     config = RunConfig.from_dict(tiny_run_config(model_dir, data_file, router_lr=0.5, steps=3, bf16=True))
@@ -150,7 +151,7 @@ def test_router_learning_rate_and_bf16_autocast(tiny, tmp_path):
 
 
 def test_collapse_alarm_counts_consecutive_evaluations_and_low_entropy():
-    from molora.training import CollapseAlarm
+    from molora.evaluation import CollapseAlarm
 
     alarm = CollapseAlarm(patience=2, entropy_ratio=0.1)
     healthy = {"layers": {"l0": {"load": [0.25, 0.25, 0.25, 0.25], "entropy": 1.3}}}

@@ -1,0 +1,80 @@
+"""What a training run is built from: the process group, the adapter (or a baseline), its optimizer and schedule."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from molora.model import MoLoRAModel, get_molora_model
+from molora.run_config import RunConfig
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup, then cosine decay to min_ratio of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: MoLoRAModel, config: RunConfig) -> torch.optim.AdamW:
+    experts = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
+    routers = [p for n, p in model.named_parameters() if p.requires_grad and ".router." in n]
+    router_lr = config.train.router_lr or config.train.lr
+    groups = [{"params": experts, "lr": config.train.lr}, {"params": routers, "lr": router_lr}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.train.weight_decay)
+
+
+def build_model(base: nn.Module, config: RunConfig) -> nn.Module:
+    """The model to train: the mixture, a parameter-matched PEFT LoRA baseline, or the bare base model."""
+    adapter = config.model.adapter
+    if adapter == "none":
+        for param in base.parameters():
+            param.requires_grad_(False)
+        return base
+    if adapter == "peft-lora":
+        from peft import LoraConfig, get_peft_model
+
+        rank = config.model.peft_rank
+        if rank is None:  # match the mixture's trainable parameters
+            probe = get_molora_model(base, config.molora)
+            mixture_params = probe.get_nb_trainable_parameters()[0]
+            widths = sum(r.in_features + r.out_features for r in probe.injection_report.modules)
+            probe.unload()
+            rank = max(1, round(mixture_params / widths))
+        target = config.molora.target_modules
+        lora = LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=target, layers_to_transform=config.molora.layers_to_transform
+        )
+        return get_peft_model(base, lora)
+    return get_molora_model(base, config.molora)
+
+
+def load_adapter_weights(model: nn.Module, directory: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(directory / "adapter_model.safetensors"))
+    if isinstance(model, MoLoRAModel):
+        model.load_adapter_state_dict(state)
+    else:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state)
