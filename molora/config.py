@@ -255,4 +255,10 @@ class MoLoRAConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no MoLoRA config at {path}")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path} is not a valid MoLoRA config (JSON): {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object of MoLoRAConfig fields, got {type(data).__name__}")
+        return cls.from_dict(data)

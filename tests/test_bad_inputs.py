@@ -216,6 +216,17 @@ def test_a_weights_file_that_is_not_safetensors_is_a_value_error(tmp_path):
         MoLoRAModel.from_pretrained(build_base("llama"), tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("content", "message"), [("{not json", "is not a valid MoLoRA config"), ("[1, 2]", "JSON object")]
+)
+def test_a_malformed_config_file_is_a_value_error_naming_it(tmp_path, content, message):
+    saved_adapter(tmp_path)
+    (tmp_path / "molora_config.json").write_text(content)
+    with pytest.raises(ValueError, match=message) as raised:
+        MoLoRAModel.from_pretrained(build_base("llama"), tmp_path)
+    assert "molora_config.json" in str(raised.value)
+
+
 # Malformed batches ----------------------------------------------------------------------------------------------
 
 
