@@ -1,7 +1,8 @@
 """A long run leaks nothing: resident memory stays flat over 2,000 steps with everything on.
 
 Routing recording (every logged step), logging, evaluation and checkpointing all run; a hook, an autograd graph or
-a cache kept across steps would grow the process. Slow (minutes on 2 CPU cores), so not in the default run:
+a cache kept across steps would grow the process. Not in the default run (its timing swings from seconds on an
+idle machine to minutes beside other work); CI runs it:
 `python -m pytest -m soak tests/test_soak.py -s`.
 """
 
