@@ -188,11 +188,15 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two run configs, except those a resume may change."""
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) where two run configs differ, except what a resume may change."""
     old, new = _flatten(saved), _flatten(current)
     keys = sorted(set(old) | set(new))
-    return [k for k in keys if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+    return [(k, old.get(k), new.get(k)) for k in keys if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+
+
+class RunInUseError(ValueError):
+    """Another live process holds the run folder's lock."""
 
 
 class RunLock:
@@ -237,7 +241,3 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-class RunInUseError(ValueError):
-    """Another live process holds the run folder's lock."""

@@ -150,9 +150,7 @@ def resume_from_checkpoint(run: Run) -> Progress:
     if saved is not None:
         differing = config_differences(saved, run.config.to_dict())
         if differing:
-            changes = ", ".join(
-                f"{k}: {_lookup(saved, k)!r} -> {_lookup(run.config.to_dict(), k)!r}" for k in differing
-            )
+            changes = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differing)
             raise ValueError(
                 f"--resume: the config differs from the checkpoint's ({point.folder.name}) in {changes}; only "
                 f"{', '.join(RESUMABLE_CHANGES)} may change when resuming"
@@ -163,12 +161,6 @@ def resume_from_checkpoint(run: Run) -> Progress:
     set_rng_state(point.state["rng"])
     run.say(f"resume: continuing from {point.folder.name}")
     return Progress(point.state["step"], point.state["eval_before"], point.state.get("bad_steps", 0))
-
-
-def _lookup(tree: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
 
 
 def open_run_folder(run: Run, start_step: int) -> None:
