@@ -1,29 +1,46 @@
-"""Router ablation: the same data, seed, steps and budget for every row; one table.
+"""The ablation harness: every row over the same seeds, data, steps and parameter budget; paired differences to a
+baseline row with 95 % intervals; grid choices made on the validation split, results reported on eval.
 
 An ablation config is a run config (model / data / molora / train) plus an `ablation` section:
     ablation:
-      rows:  [{name: softmax, molora: {router: softmax}}, {name: peft-lora, model: {adapter: peft-lora}}, ...]
-      quick: {train: {steps: 30}, ...}     # merged into every row by --quick
-Each row runs in a fresh process (so its peak memory is its own, and a crash is reported, not fatal).
+      seeds: 3                                  # each seed changes adapter initialisation and data order
+      baseline: peft-lora                       # differences are row - baseline, paired by seed
+      match: {reference: peft-lora, tolerance: 0.02}   # trainable parameters within 2 % of the reference row
+      rows:
+        - {name: peft-lora, model: {adapter: peft-lora, peft_rank: 34}, grid: {train.lr: [5.0e-4, 1.0e-3, 2.0e-3]}}
+        - {name: topk, molora: {router: topk}, grid: {train.lr: [5.0e-4, 1.0e-3, 2.0e-3]}}
+        - {name: base-model, model: {adapter: none}}
+      quick: {train: {steps: 30}}               # merged into every row by --quick
+      quick_seeds: 1                            # seeds with --quick
+A row with a `grid` runs each grid point on the first seed, keeps the one with the lowest mean validation loss, and
+runs it on the other seeds. Each run is a fresh process (its peak memory is its own, a crash is reported, not fatal)
+that leaves result.json in its folder; a rerun skips every run whose result.json holds the same config (resumable).
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import io
+import difflib
+import itertools
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from molora.ablation_report import write_outputs
 from molora.run_config import RunConfig, check_keys
-from molora.utils import atomic_write, atomic_write_text
+from molora.utils import atomic_write_text
+
+SECTION_KEYS = ("rows", "quick", "seeds", "quick_seeds", "baseline", "match")
+ROW_KEYS = ("name", "grid", "allow_unmatched", "model", "data", "molora", "train")
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -36,155 +53,249 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def load_ablation(path: str | Path, quick: bool = False) -> list[tuple[str, dict[str, Any]]]:
-    """[(row name, full run config dict)], validated before anything runs."""
+def dotted(key: str, value: Any) -> dict[str, Any]:
+    """ "train.lr", 1e-3 -> {"train": {"lr": 1e-3}}."""
+    parts = key.split(".")
+    if len(parts) < 2:
+        raise ValueError(f"grid keys are section.key (such as train.lr), got {key!r}")
+    nested: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    return nested
+
+
+@dataclass
+class Row:
+    name: str
+    spec: dict[str, Any]  # the full run config of the row (grid point not applied)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    allow_unmatched: bool = False
+
+    @property
+    def trains(self) -> bool:
+        return (self.spec.get("model") or {}).get("adapter", "molora") != "none"
+
+    def variants(self) -> list[tuple[str, dict[str, Any]]]:
+        """(variant name, run config) for every grid point; the row itself when it has no grid."""
+        if not self.grid:
+            return [(self.name, self.spec)]
+        out = []
+        for values in itertools.product(*self.grid.values()):
+            spec, label = self.spec, []
+            for key, value in zip(self.grid, values, strict=True):
+                spec = deep_merge(spec, dotted(key, value))
+                label.append(f"{key.split('.')[-1]}={value:g}" if isinstance(value, float) else f"{key}={value}")
+            out.append((f"{self.name}[{','.join(label)}]", spec))
+        return out
+
+
+@dataclass
+class Ablation:
+    rows: list[Row]
+    seeds: list[int]
+    baseline: str | None
+    reference: str | None
+    tolerance: float
+
+
+def load_ablation(path: str | Path, quick: bool = False, seeds: int | None = None) -> Ablation:
+    """The rows and settings, validated (keys, grid values, row configs) before anything runs."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ablation config {path} does not exist")
     spec = yaml.safe_load(path.read_text()) or {}
-    ablation = spec.pop("ablation", None)
-    if not ablation or not ablation.get("rows"):
+    section = spec.pop("ablation", None)
+    if not section or not section.get("rows"):
         raise ValueError(f"{path}: needs an `ablation: {{rows: [...]}}` section")
-    unknown = set(ablation) - {"rows", "quick"}
+    unknown = set(section) - set(SECTION_KEYS)
     if unknown:
-        raise ValueError(f"{path}: unknown keys in ablation: {sorted(unknown)} (known: rows, quick)")
+        raise ValueError(f"{path}: unknown keys in ablation: {sorted(unknown)} (known: {', '.join(SECTION_KEYS)})")
     rows = []
-    for row in ablation["rows"]:
-        row = dict(row)
-        name = row.pop("name", None)
-        if not name or not isinstance(name, str):
-            raise ValueError(f"{path}: every ablation row needs a name, got {row}")
-        merged = deep_merge(spec, row)
+    for raw in section["rows"]:
+        raw = dict(raw)
+        name = raw.pop("name", None)
+        if not name or not isinstance(name, str) or any(c in name for c in "/[],"):
+            raise ValueError(f"{path}: every ablation row needs a name without / [ ] or commas, got {name!r}")
+        for key in set(raw) - set(ROW_KEYS):
+            close = difflib.get_close_matches(key, ROW_KEYS, 1)
+            hint = f"; did you mean {close[0]!r}" if close else ""
+            raise ValueError(f"{path}: row {name!r} has an unknown key {key!r}{hint} (known: {', '.join(ROW_KEYS)})")
+        grid = raw.pop("grid", None) or {}
+        if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+            raise ValueError(f"{path}: row {name!r}: grid must map section.key to a non-empty list, got {grid!r}")
+        allow = bool(raw.pop("allow_unmatched", False))
+        merged = deep_merge(spec, raw)
         if quick:
-            merged = deep_merge(merged, ablation.get("quick") or {})
-        check_keys(merged)
-        rows.append((name, merged))
-    names = [n for n, _ in rows]
+            merged = deep_merge(merged, section.get("quick") or {})
+        row = Row(name, merged, grid, allow)
+        for _, variant in row.variants():
+            check_keys(variant)
+            RunConfig.from_dict(variant)  # every value valid before the first run starts
+        rows.append(row)
+    names = [r.name for r in rows]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: row names must be unique, got {names}")
-    return rows
+    count = seeds if seeds is not None else section.get("quick_seeds", 1) if quick else section.get("seeds", 3)
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"{path}: seeds must be an int >= 1, got {count!r}")
+    match = section.get("match") or {}
+    baseline, reference = section.get("baseline"), match.get("reference")
+    for what, value in (("baseline", baseline), ("match.reference", reference)):
+        if value is not None and value not in names:
+            raise ValueError(f"{path}: {what} {value!r} is not a row; rows: {names}")
+    return Ablation(rows, list(range(count)), baseline, reference, float(match.get("tolerance", 0.02)))
 
 
-def _run_row(name: str, spec: dict[str, Any], row_dir: Path, inline: bool) -> dict[str, Any]:
-    row_dir.mkdir(parents=True, exist_ok=True)
-    config_path = row_dir / "row.yaml"
+def count_trainable(spec: dict[str, Any], base_cache: dict[str, Any]) -> int:
+    """Trainable parameters of the adapter a run config builds (the model is built, counted and unloaded)."""
+    from molora.base_models import load_base
+    from molora.run_setup import build_model
+
+    config = RunConfig.from_dict(spec)
+    if config.model.adapter == "none":
+        return 0
+    if config.model.name not in base_cache:
+        base_cache[config.model.name] = load_base(config.model.name, task=config.model.task)[0]
+    model = build_model(base_cache[config.model.name], config)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.unload()
+    return count
+
+
+def check_matched(ablation: Ablation) -> dict[str, int]:
+    """{variant: trainable parameters}; ValueError when a training row is off the reference by > tolerance."""
+    cache: dict[str, Any] = {}
+    counts = {}
+    for row in ablation.rows:
+        for name, spec in row.variants():
+            try:
+                counts[name] = count_trainable(spec, cache)
+            except (ValueError, KeyError, FileNotFoundError) as err:
+                raise ValueError(f"row {row.name!r} cannot build its adapter: {err}") from None
+    if ablation.reference is None:
+        return counts
+    reference_row = next(r for r in ablation.rows if r.name == ablation.reference)
+    reference = counts[reference_row.variants()[0][0]]
+    off = [
+        f"{name}: {counts[name]:,} ({counts[name] / reference - 1:+.1%})"
+        for row in ablation.rows
+        if row.trains and not row.allow_unmatched
+        for name, _ in row.variants()
+        if abs(counts[name] / reference - 1) > ablation.tolerance
+    ]
+    if off:
+        raise ValueError(
+            f"trainable parameters must be within {ablation.tolerance:.0%} of {ablation.reference!r} "
+            f"({reference:,}); off: {'; '.join(off)} (resize the row, or mark it allow_unmatched: true)"
+        )
+    return counts
+
+
+def run_one(variant: str, spec: dict[str, Any], seed: int, folder: Path, inline: bool, threads: int | None) -> dict:
+    """One training run of one variant and seed; skipped when folder/result.json holds the same config."""
+    spec = deep_merge(spec, {"train": {"seed": seed, "progress": False}})
+    done = folder / "result.json"
+    if done.is_file():
+        previous = json.loads(done.read_text())
+        if previous.get("spec") == spec and previous.get("status") == "ok":
+            return previous
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / "row.yaml"
     atomic_write_text(config_path, yaml.safe_dump(spec, sort_keys=False))
     started = time.perf_counter()
-    if inline:  # for tests: no fresh process, so peak memory is the harness's own
+    result: dict[str, Any] = {"variant": variant, "seed": seed, "spec": spec}
+    if inline:  # for tests: no fresh process
         from molora.training import train
 
         try:
-            train(RunConfig.from_dict(spec), row_dir / "run")
-        except Exception as err:  # a failed row is reported, not fatal
-            return {"row": name, "status": "failed", "error": f"{type(err).__name__}: {err}"}
+            train(RunConfig.from_dict(spec), folder / "run")
+        except Exception as err:  # a failed run is reported, not fatal
+            return {**result, "status": "failed", "error": f"{type(err).__name__}: {err}"}
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "molora.cli",
-            "--config",
-            str(config_path),
-            "--output-dir",
-            str(row_dir / "run"),
-            "train.progress=false",
-        ]
+        resume = ["--resume"] if any((folder / "run" / "checkpoints").glob("step-*")) else []
+        command = [sys.executable, "-m", "molora.cli", "--config", str(config_path), "--output-dir"]
+        command += [str(folder / "run"), *resume]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with (row_dir / "log.txt").open("w") as log:
-            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        if done.returncode != 0:
-            lines = (row_dir / "log.txt").read_text().strip().splitlines()
-            error = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
-            return {"row": name, "status": "failed", "error": error.strip()[:300]}
-    result = json.loads((row_dir / "run" / "eval.json").read_text())
-    after = result["after"]
-    row = {
-        "row": name,
-        "status": "ok",
-        "trainable_params": result["trainable_params"],
-        **{f"loss/{d}": v["loss"] for d, v in after.items() if d != "mean"},
-        "loss/mean": after["mean"]["loss"],
-        "step_s": result["seconds_per_step"],
-        "peak_mem_mb": result["peak_memory_mb"],
-        "routing_mi": (result.get("routing") or {}).get("mi_normalized"),
-        "dead_experts": (result.get("routing") or {}).get("dead_experts"),
-        "wall_s": time.perf_counter() - started,
-    }
-    return row
+        if threads:
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        with (folder / "log.txt").open("a") as log:
+            finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        if finished.returncode != 0:
+            lines = (folder / "log.txt").read_text().strip().splitlines()
+            error = next((ln for ln in reversed(lines) if "rror" in ln), lines[-1] if lines else "")
+            return {**result, "status": "failed", "error": error.strip()[:300]}
+    run = json.loads((folder / "run" / "eval.json").read_text())
+    routing = run.get("routing") or {}
+    result.update(
+        status="ok",
+        trainable_params=run["trainable_params"],
+        eval=run["after"],
+        val=run.get("after_val"),
+        step_s=run["seconds_per_step"],
+        peak_mem_mb=run["peak_memory_mb"],
+        routing_mi=routing.get("mi_normalized"),
+        dead_experts=routing.get("dead_experts"),
+        wall_s=time.perf_counter() - started,
+        threads=threads,
+    )
+    atomic_write_text(done, json.dumps(result, indent=1) + "\n")
+    return result
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.3f}" if abs(value) < 1000 else f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
+def val_loss(result: dict[str, Any]) -> float:
+    if result.get("status") != "ok":
+        return float("inf")
+    if not result.get("val"):
+        raise ValueError(f"{result['variant']}: a grid choice needs a validation split (data.val_fraction > 0)")
+    return result["val"]["mean"]["loss"]
 
 
-def write_outputs(rows: list[dict[str, Any]], out: Path, command: str, wall_s: float) -> None:
-    columns = ["row", "status", "trainable_params"]
-    for row in rows:
-        columns += [k for k in row if k not in columns and k != "error"]
-    columns.append("error")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "ablation.csv", buffer.getvalue())
-
-    shown = [c for c in columns if c not in ("status", "error", "wall_s")]
-    lines = [
-        "# Router ablation",
-        "",
-        f"Command: `{command}` — {wall_s / 60:.1f} min wall time. Eval losses are token-weighted held-out losses "
-        "after training (the base row: no adapter). routing_mi is I(task; expert) / H(task) averaged over layers.",
-        "",
-        "| " + " | ".join(shown) + " |",
-        "|" + "---|" * len(shown),
-    ]
-    for row in rows:
-        if row["status"] == "ok":
-            lines.append("| " + " | ".join(_fmt(row.get(c)) for c in shown) + " |")
-        else:
-            lines.append(f"| {row['row']} | failed: {row['error']} |" + " |" * (len(shown) - 2))
-    lines += ["", "![mean eval loss per row](ablation.png)"]
-    atomic_write_text(out / "ablation.md", "\n".join(lines) + "\n")
-    _plot(rows, out / "ablation.png")
-
-
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if r["status"] == "ok"]
-    if not ok:
-        return
-    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(ok)), 3.5))
-    ax.bar([r["row"] for r in ok], [r["loss/mean"] for r in ok], color="tab:blue")
-    ax.set_ylabel("mean eval loss (lower is better)")
-    low = min(r["loss/mean"] for r in ok)
-    ax.set_ylim(bottom=max(0.0, low * 0.9))
-    ax.tick_params(axis="x", rotation=45)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-
-
-def run_ablation(config: str | Path, out: str | Path, quick: bool = False, inline: bool = False) -> list[dict]:
-    rows_spec = load_ablation(config, quick)
+def run_ablation(
+    config: str | Path,
+    out: str | Path,
+    quick: bool = False,
+    inline: bool = False,
+    seeds: int | None = None,
+    jobs: int = 1,
+) -> list[dict]:
+    """Every row over every seed (grid rows: choose on validation with the first seed); writes the tables as runs
+    finish. jobs > 1 runs that many processes at once with cores/jobs threads each."""
+    ablation = load_ablation(config, quick, seeds)
+    counts = check_matched(ablation)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    jobs = 1 if inline else max(1, jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    command = f"python -m train.ablate --config {config}" + (" --quick" if quick else "")
+    command += (f" --seeds {seeds}" if seeds is not None else "") + (f" --jobs {jobs}" if jobs > 1 else "")
     started = time.perf_counter()
-    rows = []
-    for name, spec in rows_spec:
-        print(f"[ablation] {name} ...", flush=True)
-        rows.append(_run_row(name, spec, out / "rows" / name, inline))
-        status = rows[-1]["status"]
-        summary = f"mean eval loss {rows[-1]['loss/mean']:.3f}" if status == "ok" else rows[-1]["error"]
-        print(f"[ablation] {name}: {status} ({summary})", flush=True)
-        command = f"python -m train.ablate --config {config}" + (" --quick" if quick else "")
-        write_outputs(rows, out, command, time.perf_counter() - started)  # partial tables survive a crash
-    return rows
+    results: list[dict] = []
+    lock = threading.Lock()  # jobs > 1: runs finish on several threads; one writes the tables at a time
+
+    def launch(variant: str, spec: dict[str, Any], seed: int) -> dict:
+        result = run_one(variant, spec, seed, out / "rows" / variant / f"seed{seed}", inline, threads)
+        with lock:
+            results.append(result)
+            shown = f"eval {result['eval']['mean']['loss']:.3f}" if result["status"] == "ok" else result["error"]
+            print(f"[ablation] {variant} seed {seed}: {result['status']} ({shown})", flush=True)
+            write_outputs(ablation, results, counts, out, command, time.perf_counter() - started)
+        return result
+
+    first = ablation.seeds[0]
+    phase_one = []  # grid points on the first seed; rows without a grid on every seed (the base model: once)
+    for row in ablation.rows:
+        if row.grid:
+            phase_one += [(name, spec, first) for name, spec in row.variants()]
+        else:
+            phase_one += [(row.name, row.spec, s) for s in (ablation.seeds if row.trains else [first])]
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(lambda task: launch(*task), phase_one))
+        phase_two = []
+        for row in ablation.rows:
+            if row.grid:
+                tried = [r for r in results if r["variant"] in dict(row.variants()) and r["seed"] == first]
+                best = min(tried, key=val_loss)["variant"]
+                phase_two += [(best, dict(row.variants())[best], s) for s in ablation.seeds[1:]]
+        list(pool.map(lambda task: launch(*task), phase_two))
+    write_outputs(ablation, results, counts, out, command, time.perf_counter() - started)
+    return results

@@ -83,17 +83,20 @@ def inspect_main(argv: list[str] | None = None) -> int:
 def ablate_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="molora-ablate",
-        description="Run every router (and the rank-1, PEFT LoRA and base-model rows) on the same data and budget.",
+        description="Run every row of an ablation over several seeds on the same data and parameter budget; "
+        "report paired differences to the baseline row with 95 % intervals. Reruns skip finished runs.",
     )
     parser.add_argument("--config", required=True, type=Path, help="a run config with an `ablation` section")
     parser.add_argument("--quick", action="store_true", help="merge the config's `quick` overrides into every row")
     parser.add_argument("--output-dir", type=Path, help="default runs/ablation (runs/ablation-quick with --quick)")
+    parser.add_argument("--seeds", type=int, help="seeds per row (default: the config's ablation.seeds, else 3)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, each with cores/jobs threads")
     args = parser.parse_args(argv)
     from molora.ablation import run_ablation
 
     out = args.output_dir or Path("runs") / ("ablation-quick" if args.quick else "ablation")
     try:
-        rows = run_ablation(args.config, out, quick=args.quick)
+        rows = run_ablation(args.config, out, quick=args.quick, seeds=args.seeds, jobs=args.jobs)
     except (ValueError, FileNotFoundError) as err:
         print(f"molora-ablate: error: {err}", file=sys.stderr)
         return 2

@@ -15,6 +15,8 @@ from molora.version import __version__
 
 EXPERT_TYPES = ("lora", "rank1")
 INTUITION_POOLINGS = ("causal", "prompt", "mean")
+MIXTURE_SCALINGS = ("mean", "sum")
+ROUTING_SCOPES = ("module", "block")
 DISPATCHES = ("auto", "dense", "grouped")
 # Routers divide fp32 logits by the temperature: at 1e-3 logits of ~100 become 1e5 and their squared logsumexp (the
 # z-loss) 1e10, far from fp32's 3e38; 5e-324 is 0 in fp32 and gave NaN outputs. Lower is an argmax in all but name.
@@ -102,6 +104,22 @@ class MoLoRAConfig:
     aux_losses: dict[str, float] = field(default_factory=lambda: {"balance": 0.01, "z": 0.001})
     layers_to_transform: int | list[int] | None = None
     init_lora_weights: bool = True
+    # How the routed gates scale the experts. "mean": the gates sum to 1, so a near-uniform dense mixture of E experts
+    # is one rank-E*r LoRA scaled by 1/E; "sum": the gates are multiplied by the number of experts each token uses
+    # (E dense, k top-k), so a uniform mixture starts with the update size of E LoRAs at alpha/r, as one LoRA does.
+    mixture_scaling: str = "mean"
+    # Always-on experts (DeepSeekMoE's shared experts) of the same rank, gate 1, beside the routed ones.
+    shared_experts: int = 0
+    # HydraLoRA: one input side A shared by every expert of a module, a routed output side B per expert.
+    share_lora_a: bool = False
+    # Std of the router's output weights at initialisation (normal); None keeps each router's default.
+    router_init_std: float | None = None
+    # Global-batch load balancing: the balance loss reads the routed fraction over the last N forwards (this one
+    # plus N-1 earlier, detached), not one micro-batch, so single sequences may specialise.
+    balance_window: int = 1
+    # "module": every adapted linear routes on its own input; "block": the adapted linears of one parent module (an
+    # FFN's gate/up/down, MixLoRA's layout) share one routing decision, made by the first of them on the block input.
+    routing_scope: str = "module"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -164,9 +182,10 @@ class MoLoRAConfig:
             _check_number("top_k", self.top_k, minimum=1, kind=int)
             if self.router == "switch" and self.top_k != 1:
                 raise ValueError(f"top_k must be 1 (or None) for router='switch', got {self.top_k}")
-            smallest = min(self.num_experts.values()) if isinstance(self.num_experts, dict) else self.num_experts
-            if self.top_k > smallest:
-                raise ValueError(f"top_k={self.top_k} is larger than num_experts={smallest}")
+            # a module with fewer experts than top_k uses all of them (plain LoRA beside routed modules: MixLoRA)
+            largest = max(self.num_experts.values()) if isinstance(self.num_experts, dict) else self.num_experts
+            if self.top_k > largest:
+                raise ValueError(f"top_k={self.top_k} is larger than num_experts={largest}")
         _check_number("router_temperature", self.router_temperature, minimum=0, kind=float, strict=True)
         if self.router_temperature < MIN_ROUTER_TEMPERATURE:
             raise ValueError(
@@ -201,6 +220,18 @@ class MoLoRAConfig:
                 _check_number("layers_to_transform", index, minimum=0, kind=int)
         if not isinstance(self.init_lora_weights, bool):
             raise ValueError(f"init_lora_weights must be True or False, got {self.init_lora_weights!r}")
+        _check_choice("mixture_scaling", self.mixture_scaling, MIXTURE_SCALINGS)
+        _check_number("shared_experts", self.shared_experts, minimum=0, kind=int)
+        if self.shared_experts and self.dispatch == "grouped":
+            raise ValueError("shared_experts needs dispatch 'dense' or 'auto': grouped dispatch sorts routed tokens")
+        if not isinstance(self.share_lora_a, bool):
+            raise ValueError(f"share_lora_a must be True or False, got {self.share_lora_a!r}")
+        if self.share_lora_a and self.expert_type != "lora":
+            raise ValueError(f"share_lora_a (HydraLoRA) needs expert_type='lora', got {self.expert_type!r}")
+        if self.router_init_std is not None:
+            _check_number("router_init_std", self.router_init_std, minimum=0, kind=float)
+        _check_number("balance_window", self.balance_window, minimum=1, kind=int)
+        _check_choice("routing_scope", self.routing_scope, ROUTING_SCOPES)
 
     @staticmethod
     def _check_regex(name: str, pattern: str) -> None:

@@ -30,6 +30,8 @@ class RoutingContext:
     # Token masks derived from a mask above, shared by the layers of one forward (one tensor, so the aux losses of
     # all layers can be stacked): {mask field: (source mask, {(batch, length): bool mask})}.
     token_masks: dict[str, tuple[torch.Tensor, dict[tuple[int, int], torch.Tensor]]] = field(default_factory=dict)
+    # routing_scope='block': {block name: router output} of this forward, published by each block's first layer.
+    block_routes: dict[str, Any] = field(default_factory=dict)
 
 
 class ContextSlot:

@@ -38,6 +38,10 @@ class DataConfig:
     max_examples_per_domain: int | None = None
     eval_fraction: float = 0.1
     max_eval_per_domain: int | None = 64
+    # A validation split beside eval (0: none), for choices such as configs and learning rates; eval stays untouched
+    # by them. Drawn after the eval prompts, so turning it on leaves the eval split as it was.
+    val_fraction: float = 0.0
+    max_val_per_domain: int | None = 64
     mixing: str = "proportional"
     temperature: float = 2.0
     loss_on: str = "response"
@@ -66,6 +70,11 @@ class DataConfig:
             raise ValueError(f"data.max_length must be an int >= 8, got {self.max_length!r}")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
+        if not 0 <= self.val_fraction < 1 or self.eval_fraction + self.val_fraction >= 1:
+            raise ValueError(
+                f"data.val_fraction must be in [0, 1) and leave training examples beside eval_fraction, got "
+                f"{self.val_fraction!r} (eval_fraction {self.eval_fraction!r})"
+            )
         if self.temperature <= 0:
             raise ValueError(f"data.temperature must be > 0, got {self.temperature!r}")
 
@@ -99,8 +108,10 @@ def load_records(config: DataConfig) -> dict[str, list[Record]]:
     return records
 
 
-def split_records(records: list[Record], domain: str, config: DataConfig) -> tuple[list[Record], list[Record]]:
-    """Seeded (train, eval) split by prompt, so no eval prompt is ever trained on."""
+def split_records(
+    records: list[Record], domain: str, config: DataConfig
+) -> tuple[list[Record], list[Record], list[Record]]:
+    """Seeded (train, eval, validation) split by prompt, so no eval or validation prompt is ever trained on."""
     groups: dict[str, list[Record]] = {}
     for record in records:
         groups.setdefault(record["prompt"] or record["response"], []).append(record)
@@ -111,10 +122,18 @@ def split_records(records: list[Record], domain: str, config: DataConfig) -> tup
     num_eval = max(1, round(len(keys) * config.eval_fraction))
     if config.max_eval_per_domain is not None:
         num_eval = min(num_eval, config.max_eval_per_domain)
-    if len(keys) < 2:
-        raise ValueError(f"domain {domain!r} has {len(keys)} distinct examples; at least 2 are needed to split")
-    eval_keys, train_keys = keys[:num_eval], keys[num_eval:]
-    return [r for k in train_keys for r in groups[k]], [r for k in eval_keys for r in groups[k]]
+    num_val = 0
+    if config.val_fraction:
+        num_val = max(1, round(len(keys) * config.val_fraction))
+        if config.max_val_per_domain is not None:
+            num_val = min(num_val, config.max_val_per_domain)
+    if len(keys) < 2 + num_val:
+        raise ValueError(
+            f"domain {domain!r} has {len(keys)} distinct examples; at least {2 + num_val} are needed to split"
+        )
+    eval_keys, val_keys = keys[:num_eval], keys[num_eval : num_eval + num_val]
+    train_keys = keys[num_eval + num_val :]
+    return tuple([r for k in part for r in groups[k]] for part in (train_keys, eval_keys, val_keys))
 
 
 def format_example(record: Record, tokenizer: Any, use_chat_template: bool) -> tuple[str, str]:
@@ -138,6 +157,18 @@ class DomainData:
     task_id: int
     train: Any  # datasets.Dataset with input_ids, prompt_len
     eval: Any
+    val: Any = None  # the validation split (data.val_fraction > 0), else None
+    # The first token of each label when the domain's responses are a few labels that differ in their first token
+    # (sentiment: positive / negative): evaluation then reports the predicted label's accuracy.
+    label_tokens: list[int] | None = None
+
+    def split(self, name: str) -> Any:
+        if name not in ("eval", "val"):
+            raise ValueError(f"split must be 'eval' or 'val', got {name!r}")
+        found = self.eval if name == "eval" else self.val
+        if found is None:
+            raise ValueError(f"domain {self.name!r} has no {name} split (set data.val_fraction > 0)")
+        return found
 
 
 def tokenize_split(records: list[Record], domain: str, task_id: int, tokenizer: Any, config: DataConfig):
@@ -166,15 +197,29 @@ def tokenize_split(records: list[Record], domain: str, task_id: int, tokenizer: 
     return dataset.filter(lambda ex: len(ex["input_ids"]) > ex["prompt_len"])
 
 
+MAX_LABELS = 16
+
+
+def label_tokens(dataset: Any) -> list[int] | None:
+    """The labels' first tokens when every response is one of at most MAX_LABELS labels that differ there."""
+    responses = {tuple(ids[start:]) for ids, start in zip(dataset["input_ids"], dataset["prompt_len"], strict=True)}
+    if not 2 <= len(responses) <= MAX_LABELS or any(not r for r in responses):
+        return None
+    firsts = sorted({r[0] for r in responses})
+    return firsts if len(firsts) == len(responses) else None
+
+
 def build_domains(config: DataConfig, tokenizer: Any) -> list[DomainData]:
     domains = []
     for task_id, (name, records) in enumerate(load_records(config).items()):
-        train, evaluation = split_records(records, name, config)
+        train, evaluation, validation = split_records(records, name, config)
         train_ds = tokenize_split(train, name, task_id, tokenizer, config)
         eval_ds = tokenize_split(evaluation, name, task_id, tokenizer, config)
-        if len(train_ds) == 0 or len(eval_ds) == 0:
-            raise ValueError(f"domain {name!r} is empty after filtering (train {len(train_ds)}, eval {len(eval_ds)})")
-        domains.append(DomainData(name, task_id, train_ds, eval_ds))
+        val_ds = tokenize_split(validation, name, task_id, tokenizer, config) if config.val_fraction else None
+        if len(train_ds) == 0 or len(eval_ds) == 0 or (val_ds is not None and len(val_ds) == 0):
+            sizes = f"train {len(train_ds)}, eval {len(eval_ds)}" + (f", val {len(val_ds)}" if val_ds else "")
+            raise ValueError(f"domain {name!r} is empty after filtering ({sizes})")
+        domains.append(DomainData(name, task_id, train_ds, eval_ds, val_ds, label_tokens(train_ds)))
     return domains
 
 
@@ -212,8 +257,12 @@ def collate(examples: list[dict[str, Any]], pad_token_id: int, loss_on: str) -> 
 class MultiDomainData:
     """Built domains plus a stateless mixture sampler: batch i of rank r is a function of (seed, i, r)."""
 
-    def __init__(self, config: DataConfig, tokenizer: Any, domains: list[DomainData] | None = None):
+    def __init__(
+        self, config: DataConfig, tokenizer: Any, domains: list[DomainData] | None = None, order_seed: int = 0
+    ):
+        """order_seed (the run's train.seed) changes the order of the training batches, not the splits."""
         self.config = config
+        self.order_seed = order_seed
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.domains = domains if domains is not None else build_domains(config, tokenizer)
         self.weights = mixing_weights([len(d.train) for d in self.domains], config.mixing, config.temperature)
@@ -227,7 +276,9 @@ class MultiDomainData:
 
     def train_batch(self, index: int, batch_size: int, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
         """Global batch `index` holds batch_size x world_size examples; this rank takes its own slice."""
-        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + index)
+        # CPU generators seed from 32 bits: the order seed moves the whole sequence of batch seeds by a large prime
+        seed = (self.config.seed * 1_000_003 + index + self.order_seed * 1_000_000_007) % 2**32
+        generator = torch.Generator().manual_seed(seed)
         total = batch_size * world_size
         domain_ids = torch.multinomial(torch.tensor(self.weights), total, replacement=True, generator=generator)
         examples = []
@@ -238,7 +289,7 @@ class MultiDomainData:
                 examples.append(rows[pick])
         return collate(examples, self.pad_token_id, self.config.loss_on)
 
-    def eval_batches(self, domain: DomainData, batch_size: int):
-        rows = domain.eval.select_columns(["input_ids", "prompt_len", "task_id"]).to_list()
+    def eval_batches(self, domain: DomainData, batch_size: int, split: str = "eval"):
+        rows = domain.split(split).select_columns(["input_ids", "prompt_len", "task_id"]).to_list()
         for start in range(0, len(rows), batch_size):
             yield collate(rows[start : start + batch_size], self.pad_token_id, self.config.loss_on)

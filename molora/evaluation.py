@@ -48,39 +48,66 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: MultiDomainData, config: RunConfig, device: torch.device, recorder=None
+    model: nn.Module,
+    data: MultiDomainData,
+    config: RunConfig,
+    device: torch.device,
+    recorder=None,
+    split: str = "eval",
 ) -> dict[str, Any]:
-    """Per-domain token-weighted loss and perplexity on the held-out split, plus the mean over domains.
+    """Per domain on a held-out split: token-weighted loss, perplexity, next-token accuracy on the scored tokens,
+    and, for label domains (data.label_tokens), the accuracy of the predicted label; plus the means over domains.
 
-    With a RoutingRecorder, the same forwards also record routing per domain.
+    The predicted label is the label whose first token scores highest at the first response position: what greedy
+    decoding restricted to the labels answers. With a RoutingRecorder, the same forwards also record routing.
     """
     was_training = model.training
     model.eval()
     results: dict[str, Any] = {}
     with recorder if recorder is not None else contextlib.nullcontext():
-        _evaluate_domains(model, data, config, device, results)
-    results["mean"] = {"loss": sum(r["loss"] for r in results.values()) / len(data.domains)}
+        _evaluate_domains(model, data, config, device, results, split)
+    domains = list(results.values())
+    results["mean"] = {
+        "loss": sum(r["loss"] for r in domains) / len(domains),
+        "token_acc": sum(r["token_acc"] for r in domains) / len(domains),
+    }
     model.train(was_training)
     return results
 
 
-def _evaluate_domains(model, data, config, device, results) -> None:
+def _evaluate_domains(model, data, config, device, results, split) -> None:
     for domain in data.domains:
-        loss_sum, tokens = 0.0, 0
-        for batch in data.eval_batches(domain, config.train.eval_batch_size):
+        loss_sum, tokens, correct, label_hits, labelled = 0.0, 0, 0, 0, 0
+        labels_first = None if domain.label_tokens is None else torch.tensor(domain.label_tokens, device=device)
+        for batch in data.eval_batches(domain, config.train.eval_batch_size, split):
             batch = to_device(batch, device)
             labels = batch.pop("labels")
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.train.bf16):
                 logits = model(**batch).logits
-            targets = labels[:, 1:]
+            logits, targets = logits[:, :-1].float(), labels[:, 1:]
             loss_sum += float(
-                F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
-                )
+                F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
             )
-            tokens += int((targets != -100).sum())
+            scored = targets != -100
+            tokens += int(scored.sum())
+            correct += int(((logits.argmax(-1) == targets) & scored).sum())
+            if labels_first is not None:
+                first = scored.int().argmax(dim=1)  # the position predicting the first response token
+                rows = torch.arange(len(first), device=device)
+                has = scored.any(dim=1)
+                picked = labels_first[logits[rows, first][:, labels_first].argmax(-1)]
+                label_hits += int(((picked == targets[rows, first]) & has).sum())
+                labelled += int(has.sum())
         loss = loss_sum / max(tokens, 1)
-        results[domain.name] = {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": tokens}
+        results[domain.name] = {
+            "loss": loss,
+            "ppl": math.exp(min(loss, 50)),
+            "tokens": tokens,
+            "token_acc": correct / max(tokens, 1),
+            "examples": len(domain.split(split)),
+        }
+        if labels_first is not None:
+            results[domain.name]["label_acc"] = label_hits / max(labelled, 1)
 
 
 def describe(config: RunConfig) -> str:
@@ -111,10 +138,16 @@ def write_summary(
         "| domain | eval loss before | eval loss after | ppl before | ppl after |",
         "|---|---|---|---|---|",
     ]
+
+    def shown(results: dict, name: str, key: str, form: str) -> str:
+        return format(results[name][key], form) if name in results else "-"  # no step-0 eval: train.eval_at_start
+
     for name in [k for k in after if k != "mean"]:
-        b, a = before[name], after[name]
-        lines.append(f"| {name} | {b['loss']:.3f} | {a['loss']:.3f} | {b['ppl']:.1f} | {a['ppl']:.1f} |")
-    lines.append(f"| **mean** | {before['mean']['loss']:.3f} | {after['mean']['loss']:.3f} | | |")
+        lines.append(
+            f"| {name} | {shown(before, name, 'loss', '.3f')} | {after[name]['loss']:.3f} | "
+            f"{shown(before, name, 'ppl', '.1f')} | {after[name]['ppl']:.1f} |"
+        )
+    lines.append(f"| **mean** | {shown(before, 'mean', 'loss', '.3f')} | {after['mean']['loss']:.3f} | | |")
     atomic_write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
 
 

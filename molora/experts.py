@@ -284,6 +284,24 @@ class LoRAExperts(Experts):
         return self.lora_B[expert] @ self.lora_A[expert]
 
 
+class SharedALoRAExperts(LoRAExperts):
+    """HydraLoRA: one input side A [r, d_in] shared by the experts, an output side B [E, d_out, r] each.
+
+    The stacked input side repeats A per expert, so every path of LoRAExperts (fused router rows, gating, merging)
+    applies unchanged; A's gradient is the sum over the repeats.
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int, **kwargs):
+        super().__init__(in_features, out_features, num_experts, rank, **kwargs)
+        self.lora_A = nn.Parameter(self.lora_A.data[0].clone())
+
+    def stacked_in(self) -> torch.Tensor:
+        return self.lora_A.repeat(self.num_experts, 1)
+
+    def delta_weight(self, expert: int) -> torch.Tensor:
+        return self.lora_B[expert] @ self.lora_A
+
+
 class Rank1Experts(Experts):
     """MoR1E: expert e is v_e u_e^T, u [E, d_in] (input side), v [E, d_out] (output side, zero at init)."""
 
@@ -344,9 +362,10 @@ def build_experts(
     init_zero: bool,
     dtype: torch.dtype | None = None,
     device: torch.device | None = None,
+    share_a: bool = False,
 ) -> Experts:
     if expert_type == "lora":
-        return LoRAExperts(
+        return (SharedALoRAExperts if share_a else LoRAExperts)(
             in_features, out_features, num_experts, rank, init_zero=init_zero, dtype=dtype, device=device
         )
     if expert_type == "rank1":

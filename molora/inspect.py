@@ -31,7 +31,8 @@ class RoutingRecorder:
     """
 
     def __init__(self, model: nn.Module, task_ids: Any = None, domains: list[str] | None = None):
-        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, MoLoRALinear)}
+        # a block's followers (routing_scope='block') route through their owner: recorded once, under the owner
+        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, MoLoRALinear) and m.router is not None}
         self.fixed_task_ids = None if task_ids is None else torch.as_tensor(task_ids, dtype=torch.long)
         self.domains = list(domains) if domains is not None else None
         self.weight: dict[str, dict[int, torch.Tensor]] = {n: {} for n in self.layers}
@@ -91,7 +92,7 @@ class RoutingRecorder:
     def matrices(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Summed weight [T, E], selections [T, E] and tokens [T] for one layer, tasks in sorted order."""
         tasks = sorted({t for per_task in self.weight.values() for t in per_task})
-        num_experts = self.layers[name].experts.num_experts
+        num_experts = self.layers[name].router.num_experts
         zeros = torch.zeros(num_experts)
         weight = torch.stack([self.weight[name].get(t, zeros) for t in tasks])
         selected = torch.stack([self.selected[name].get(t, zeros) for t in tasks])

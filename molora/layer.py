@@ -37,25 +37,39 @@ class MoLoRALinear(nn.Module):
         *,
         name: str,
         experts: Experts,
-        router: Router,
+        router: Router | None,
         scaling: float,
         dropout: float = 0.0,
         role: str = "self",
         aux_loss_names: tuple[str, ...] = (),
         dispatch: str = "auto",
+        num_shared: int = 0,
+        gate_multiplier: float = 1.0,
+        block: str | None = None,
+        block_owner: MoLoRALinear | None = None,
     ):
         super().__init__()
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.base_layer = base_layer
         self.experts = experts
+        # None for a block follower (routing_scope='block'): it reuses the routing its block's owner published
         self.router = router
+        if (router is None) != (block_owner is not None):
+            raise ValueError("a layer needs a router, or (block routing) the block owner whose routing it reuses")
+        self.block = block
+        self._owner = (block_owner,) if block_owner is not None else ()  # a tuple: not a submodule of this layer
+        self._block_route: RouterOutput | None = None  # the owner's route of its last forward, outside a context
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = scaling
         self.role = role
         self.layer_name = name
         self.aux_loss_names = tuple(aux_loss_names)
         self.dispatch = dispatch
+        # The experts bank holds the router's E routed experts, then num_shared always-on ones. The routed gates are
+        # multiplied by gate_multiplier (config.mixture_scaling), the shared experts keep gate 1 times the scaling.
+        self.num_shared = num_shared
+        self.gate_multiplier = gate_multiplier
         # (router output, token mask) of the last forward, for the aux losses (MoLoRAModel computes them for all
         # layers at once); None when there are no aux losses or the adapters were disabled.
         self.last_route: tuple[RouterOutput, torch.Tensor | None] | None = None
@@ -78,11 +92,38 @@ class MoLoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.experts.out_features
 
+    @property
+    def routing_router(self) -> Router:
+        """The router deciding this layer's gates: its own, or its block owner's."""
+        return self.router if self.router is not None else self._owner[0].router
+
     def extra_repr(self) -> str:
+        shared = "" if self.router is not None else f", routed by {self._owner[0].layer_name}"
         return (
-            f"experts={self.experts.num_experts}, type={self.experts.expert_type}, router={self.router.name}, "
-            f"scaling={self.scaling:g}, role={self.role}"
+            f"experts={self.experts.num_experts}, type={self.experts.expert_type}, router={self.routing_router.name}"
+            f"{shared}, scaling={self.scaling:g}, role={self.role}"
         )
+
+    def publish_route(self, route: RouterOutput) -> None:
+        """Block owner: leave this forward's routing for the block's other layers."""
+        ctx = current_context()
+        if ctx is not None:
+            ctx.block_routes[self.block] = route
+        else:
+            self._block_route = route
+
+    def block_route(self, tokens: tuple[int, int]) -> RouterOutput:
+        """Block follower: the routing its owner published in this forward."""
+        owner = self._owner[0]
+        ctx = current_context()
+        route = ctx.block_routes.get(self.block) if ctx is not None else owner._block_route
+        if route is None or tuple(route.weights.shape[:2]) != tokens:
+            raise RuntimeError(
+                f"{self.layer_name} shares the routing of block {self.block!r}, decided by {owner.layer_name}, which "
+                "has not run on these tokens in this forward; routing_scope='block' needs the block's first adapted "
+                "layer to run first (as gate_proj does in a Llama MLP)"
+            )
+        return route
 
     def routing_inputs(self, ctx: RoutingContext | None, batch: int, length: int) -> RouterInputs:
         if ctx is None:
@@ -125,15 +166,27 @@ class MoLoRALinear(nn.Module):
             )
         return self.routing_inputs(ctx, x3.shape[0], x3.shape[1])
 
+    @property
+    def mix_scaling(self) -> float:
+        """The scaling the mixture applies to every row of the bank (routed gates times gate_multiplier)."""
+        return self.scaling * self.gate_multiplier
+
+    def bank_gates(self, weights: torch.Tensor) -> torch.Tensor:
+        """Router weights [..., E] -> the gates of the whole bank [..., E + num_shared] (shared experts always on)."""
+        if not self.num_shared:
+            return weights
+        shared = weights.new_full((*weights.shape[:-1], self.num_shared), 1.0 / self.gate_multiplier)
+        return torch.cat([weights, shared], dim=-1)
+
     def grouped_dispatch(self, x: torch.Tensor) -> bool:
-        top_k = self.router.top_k
-        if top_k is None or self.dispatch == "dense":
+        top_k = self.routing_router.top_k
+        if top_k is None or self.dispatch == "dense" or self.num_shared:
             return False
         if self.dispatch == "grouped":
             return True
         # Measured crossover (bench/bench_dispatch.py, 4096 tokens, 256 -> 688, r=8, k=2): on 2 CPU cores grouped is
         # 0.90x dense at E=32 and 0.59x at E=64; on an H100 it stayed slower up to E=128 (launch-bound).
-        return x.device.type == "cpu" and self.experts.num_experts >= 16 * top_k
+        return x.device.type == "cpu" and self.routing_router.num_experts >= 16 * top_k
 
     def shares_router_matmul(self, x: torch.Tensor, expert_x: torch.Tensor) -> bool:
         """Whether the router's input projection can ride in the experts' matmul: both must read the same fp32
@@ -158,26 +211,27 @@ class MoLoRALinear(nn.Module):
         inputs = self.routing_context(x3)
         expert_x = self.dropout(flat_x).to(self.experts_dtype)
         out_shape = (*x.shape[:-1], result.shape[-1])
+        follower = self.router is None
         if self.grouped_dispatch(flat_x):
-            route = self.router(x3, inputs)
-            self.last_route = (route, inputs.token_mask) if self.aux_loss_names else None
+            route = self.block_route(tuple(x3.shape[:2])) if follower else self.route(x3, inputs)
+            self.last_route = (route, inputs.token_mask) if self.aux_loss_names and not follower else None
             # [N, E] per token (a per-sequence gate is expanded here): grouped dispatch sorts tokens, not sequences
-            flat_weights = route.weights.reshape(-1, route.weights.shape[-1]) * self.scaling
+            flat_weights = route.weights.reshape(-1, route.weights.shape[-1]) * self.mix_scaling
             indices = route.indices.reshape(-1, route.indices.shape[-1])
             delta = self.experts.mix_grouped(expert_x, flat_weights, indices)
             return result.view(out_shape) + delta.to(result.dtype).view(out_shape)
-        projection = self.router.input_projection()
+        projection = None if follower else self.router.input_projection()
         if projection is not None and self.shares_router_matmul(flat_x, expert_x):
             hidden, projected = self.experts.project(expert_x, projection)
-            route = self.router(x3, inputs, projected=projected.view(*x3.shape[:-1], -1))
+            route = self.route(x3, inputs, projected.view(*x3.shape[:-1], -1))
         else:
             hidden, _ = self.experts.project(expert_x)
-            route = self.router(x3, inputs)
-        self.last_route = (route, inputs.token_mask) if self.aux_loss_names else None
-        weights = per_sequence(route.weights)
+            route = self.block_route(tuple(x3.shape[:2])) if follower else self.route(x3, inputs)
+        self.last_route = (route, inputs.token_mask) if self.aux_loss_names and not follower else None
+        weights = self.bank_gates(per_sequence(route.weights))
         flat_result = result if result.dim() == 2 else result.reshape(-1, result.shape[-1])
         if flat_result.dtype != hidden.dtype:
-            delta = self.experts.mix(hidden, weights, scaling=self.scaling)
+            delta = self.experts.mix(hidden, weights, scaling=self.mix_scaling)
             return result.view(out_shape) + delta.to(result.dtype).view(out_shape)
         inplace = (
             plain_linear
@@ -185,31 +239,40 @@ class MoLoRALinear(nn.Module):
             and not self.base_layer._forward_hooks
             and not torch.is_autocast_enabled(x.device.type)  # in-place ops are not autocast
         )
-        return self.experts.mix(hidden, weights, flat_result, inplace, self.scaling).view(out_shape)
+        return self.experts.mix(hidden, weights, flat_result, inplace, self.mix_scaling).view(out_shape)
+
+    def route(self, x3: torch.Tensor, inputs: RouterInputs, projected: torch.Tensor | None = None) -> RouterOutput:
+        route = self.router(x3, inputs, projected=projected)
+        if self.block is not None:
+            self.publish_route(route)
+        return route
 
     # Merging ------------------------------------------------------------------------------------------------------
     def merged_delta(self, expert_weights: torch.Tensor) -> torch.Tensor:
-        """scaling * sum_e w_e B_e A_e as one [d_out, d_in] matrix, for fixed expert weights [E]."""
-        rows = expert_weights.to(self.experts_dtype).repeat_interleave(self.experts.rows_per_expert)
-        return self.scaling * (self.experts.stacked_out() * rows.unsqueeze(-1)).T @ self.experts.stacked_in()
+        """scaling * sum_e w_e B_e A_e as one [d_out, d_in] matrix, for fixed router weights [E] (shared experts
+        added)."""
+        gates = self.bank_gates(expert_weights.to(self.experts_dtype))
+        rows = gates.repeat_interleave(self.experts.rows_per_expert)
+        return self.mix_scaling * (self.experts.stacked_out() * rows.unsqueeze(-1)).T @ self.experts.stacked_in()
 
     def fixed_expert_weights(self, task_id: int | None) -> torch.Tensor:
         """The expert weights [E] when they do not depend on the tokens: the task router's gate for one task."""
-        num_experts = self.experts.num_experts
+        router = self.routing_router
+        num_experts = router.num_experts
         if num_experts == 1:
             return torch.ones(1, device=self.weight.device)
-        if self.router.name != "task":
+        if router.name != "task":
             raise ValueError(
-                f"{self.layer_name}: router {self.router.name!r} weighs the experts per token, so no single matrix "
+                f"{self.layer_name}: router {router.name!r} weighs the experts per token, so no single matrix "
                 "reproduces it; only router='task' (one gate per task) or a single expert can be merged"
             )
         if task_id is None:
             raise ValueError("merging a task router needs task_id: the gate differs per task")
-        if not 0 <= task_id < self.router.num_tasks:
-            raise ValueError(f"task_id must be in [0, num_tasks={self.router.num_tasks}), got {task_id}")
+        if not 0 <= task_id < router.num_tasks:
+            raise ValueError(f"task_id must be in [0, num_tasks={router.num_tasks}), got {task_id}")
         probe = torch.zeros(1, 1, self.in_features, device=self.weight.device)
         task_ids = torch.tensor([task_id], device=self.weight.device)
-        return self.router(probe, RouterInputs(task_ids=task_ids)).weights[0, 0]
+        return router(probe, RouterInputs(task_ids=task_ids)).weights[0, 0]
 
     @torch.no_grad()
     def merge_into_base(self, task_id: int | None = None) -> nn.Module:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from functools import cached_property
 
 import torch
+import torch.nn.functional as F
+from einops import einsum
 
 from molora.routers import RouterOutput
 
@@ -82,11 +84,57 @@ def routed_fraction(route: RouterOutput, token_mask: torch.Tensor | None) -> tor
     return counts.scatter_add_(-1, indices.reshape(*lead, -1), slot_weights)
 
 
+def token_count(route: RouterOutput, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """The number of non-padding tokens of the forward, as a 0-dim fp32 tensor."""
+    if token_mask is None:
+        return route.probs.new_tensor(float(_flat(route.probs).shape[-2]))
+    return token_mask.sum().to(route.probs.dtype)
+
+
 @register_aux_loss("balance", stackable=True)
 def balance_loss(route: RouterOutput, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Switch/Mixtral: E * sum_e f_e * P_e; exactly 1.0 for a uniform router."""
+    """Switch/Mixtral: E * sum_e f_e * P_e; exactly 1.0 for a uniform router.
+
+    With a balance history (config.balance_window > 1: the summed f_e * tokens and the tokens of earlier forwards,
+    detached), f_e is the routed fraction over the whole window, the global-batch balance of Qwen's MoE models: the
+    window must be balanced, not each micro-batch, so a sequence may keep to a few experts.
+    """
     num_experts = route.probs.shape[-1]
-    return num_experts * (routed_fraction(route, token_mask) * _mean_probs(route, token_mask)).sum(-1)
+    fraction = routed_fraction(route, token_mask)
+    history = balance_history(route)
+    if history is not None:
+        fraction_sum, tokens = history
+        current = token_count(route, token_mask)
+        fraction = (fraction * current + fraction_sum) / (current + tokens).unsqueeze(-1)
+    return num_experts * (fraction * _mean_probs(route, token_mask)).sum(-1)
+
+
+def balance_history(route) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(sum of f_e * tokens [..., E], tokens [...]) of earlier forwards in the balance window, or None."""
+    if isinstance(route, StackedRoutes):
+        return route.balance_history
+    return route.cache.get("balance_history")
+
+
+@register_aux_loss("task_mi", stackable=True)
+def task_mi_loss(route: RouterOutput, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """-I(task; expert) over the batch's tokens (Mod-Squad's mutual-information loss), in nats.
+
+    Minimising it makes each task's routing distribution peaked (experts specialise by task) while the batch-mean
+    distribution stays spread (no collapse onto one expert); needs task_ids in the forward.
+    """
+    if route.task_ids is None:
+        raise ValueError("aux loss 'task_mi' needs task_ids ([batch] ints) passed to MoLoRAModel.forward")
+    probs = _flat(route.probs)  # [..., N, E]
+    batch = route.task_ids.shape[0]
+    tasks = F.one_hot(route.task_ids, int(route.task_ids.max()) + 1).to(probs.dtype)  # [B, T]
+    per_token = _token_weights(route, token_mask).view(batch, -1)  # [B, L], sums to 1
+    weighted_tasks = einsum(per_token, tasks, "b l, b t -> b l t").reshape(-1, tasks.shape[-1])  # [N, T]
+    joint = einsum(weighted_tasks, probs, "n t, ... n e -> ... t e")  # p(task, expert)
+    task_marginal = weighted_tasks.sum(0).unsqueeze(-1)  # [T, 1]
+    expert_marginal = joint.sum(-2, keepdim=True)  # [..., 1, E]
+    ratio = joint.clamp_min(1e-12) / (task_marginal * expert_marginal).clamp_min(1e-12)
+    return -(joint * ratio.log()).sum((-2, -1))
 
 
 @register_aux_loss("z", stackable=True)
@@ -143,6 +191,17 @@ class StackedRoutes:
         return torch.stack([r.weights for r in self.routes])
 
     @cached_property
+    def task_ids(self) -> torch.Tensor | None:
+        return self.routes[0].task_ids
+
+    @cached_property
+    def balance_history(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        histories = [r.cache.get("balance_history") for r in self.routes]
+        if histories[0] is None:
+            return None
+        return torch.stack([h[0] for h in histories]), torch.stack([h[1] for h in histories])
+
+    @cached_property
     def indices(self) -> torch.Tensor | None:
         if self.routes[0].indices is None:
             return None
@@ -157,7 +216,15 @@ def _stack_groups(entries: Entries) -> list[list[int]]:
     groups: dict[tuple, list[int]] = {}
     for i, (route, mask) in enumerate(entries):
         sparse = None if route.indices is None else tuple(route.indices.shape)
-        key = (tuple(route.probs.shape), route.probs.dtype, id(mask), sparse, route.weights is route.probs)
+        key = (
+            tuple(route.probs.shape),
+            route.probs.dtype,
+            id(mask),
+            sparse,
+            route.weights is route.probs,
+            id(route.task_ids),
+            "balance_history" in route.cache,
+        )
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import warnings
 import weakref
@@ -25,7 +26,7 @@ from molora.context import (
 from molora.inputs import CallShape, check_batch, first_input, prompt_mask_tensor, task_id_tensor
 from molora.inspect import RoutingRecorder
 from molora.layer import MoLoRALinear
-from molora.losses import aux_term_means, layer_aux_terms
+from molora.losses import aux_term_means, layer_aux_terms, routed_fraction, token_count
 from molora.patcher import InjectionReport, inject, molora_layers, unload
 from molora.utils import atomic_write
 
@@ -44,6 +45,8 @@ class MoLoRAModel(nn.Module):
         self.load_result: AdapterLoadResult | None = None  # what from_pretrained loaded (strict=False may skip)
         self._layers: tuple[tuple[str, MoLoRALinear], ...] = tuple(molora_layers(model))  # fixed once injected
         self._aux_means: tuple[list, dict[str, torch.Tensor]] | None = None  # (refs to their routes, means)
+        # balance_window > 1: per layer, the detached (f_e * tokens, tokens) of the last balance_window - 1 forwards
+        self._balance_history: dict[str, collections.deque] = {}
         self._mask_captures = [
             MaskCapture(
                 {"attention_mask": "attention_mask", "decoder_attention_mask": "decoder_attention_mask"},
@@ -173,6 +176,7 @@ class MoLoRAModel(nn.Module):
     def _layer_aux_terms(self) -> list[tuple[str, dict[str, torch.Tensor]]]:
         """Per layer {loss: value} of the last forward, computed once (stacked across layers) and then reused."""
         layers = [(name, layer) for name, layer in self._layers if layer.last_route is not None]
+        self._window_balance(layers)
         entries = [layer.last_route for _, layer in layers]
         terms = [route.cache.get("aux_terms") for route, _ in entries]
         if any(t is None for t in terms):
@@ -185,9 +189,11 @@ class MoLoRAModel(nn.Module):
         """{loss name: mean over layers} of the last forward; per_layer=True gives {layer: {loss name: value}}."""
         if per_layer:
             return {name: dict(terms) for name, terms in self._layer_aux_terms()}
-        entries = [layer.last_route for _, layer in self._layers if layer.last_route is not None]
-        if not entries:
+        layers = [(name, layer) for name, layer in self._layers if layer.last_route is not None]
+        if not layers:
             return {}
+        self._window_balance(layers)
+        entries = [layer.last_route for _, layer in layers]
         # Computed once per forward (aux_loss() and a trainer's logging both ask): keyed on the routes themselves,
         # since a later forward may replace only some of them (decoder layers during encoder-decoder generation).
         # Weak references: holding the routes would keep the last step's router tensors (and the projection
@@ -202,6 +208,27 @@ class MoLoRAModel(nn.Module):
             means = aux_term_means(entries, tuple(self.molora_config.aux_losses))
             cached = self._aux_means = ([weakref.ref(route) for route in routes], means)
         return dict(cached[1])
+
+    def _window_balance(self, layers: list[tuple[str, MoLoRALinear]]) -> None:
+        """Global-batch balance (config.balance_window > 1, training): hand each route the routed fractions of the
+        layer's earlier forwards in the window, then add its own; once per route, however often the terms are read."""
+        window = self.molora_config.balance_window
+        if window <= 1 or not self.training or "balance" not in self.molora_config.aux_losses:
+            return
+        for name, layer in layers:
+            route, mask = layer.last_route
+            if "balance_window_seen" in route.cache:
+                continue
+            route.cache["balance_window_seen"] = True
+            history = self._balance_history.setdefault(name, collections.deque(maxlen=window - 1))
+            if history:
+                route.cache["balance_history"] = (
+                    torch.stack([h[0] for h in history]).sum(0),
+                    torch.stack([h[1] for h in history]).sum(0),
+                )
+            with torch.no_grad():
+                tokens = token_count(route, mask)
+                history.append((routed_fraction(route, mask) * tokens, tokens))
 
     def aux_loss(self) -> torch.Tensor:
         """The weighted sum of the aux losses of the last forward (differentiable when that forward was)."""
@@ -268,7 +295,10 @@ class MoLoRAModel(nn.Module):
         state = {}
         for name, layer in self._layers:
             for part in ("experts", "router"):
-                for key, value in getattr(layer, part).state_dict().items():
+                module = getattr(layer, part)
+                if module is None:  # a block follower: its block's owner holds the router
+                    continue
+                for key, value in module.state_dict().items():
                     state[f"{name}.{part}.{key}"] = value
         return state
 

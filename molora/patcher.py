@@ -176,55 +176,23 @@ def inject(model: nn.Module, config: MoLoRAConfig) -> InjectionReport:
         raise ValueError(f"config must be a MoLoRAConfig, got {type(config).__name__}")
     config.validate()  # again: its fields may have been assigned since construction
     targets, excluded = find_targets(model, config)
-    router_cls = ROUTERS[config.router]
-    pooling_by_role = {"decoder": "causal", "cross": "mean"}
     layers: list[tuple[str, MoLoRALinear]] = []
     records: list[InjectedModule] = []
+    owners = block_owners(targets, config)
+    built: dict[str, MoLoRALinear] = {}
     for name, module in targets:  # build everything before touching the model
-        d_in, d_out = _features(module)
-        num_experts = config.experts_for(name)
-        rank, alpha = config.rank_for(name), config.alpha_for(name)
-        role = _role(model, name)
-        weight = module.weight
-        experts = build_experts(
-            config.expert_type,
-            d_in,
-            d_out,
-            num_experts,
-            rank,
-            init_zero=config.init_lora_weights,
-            dtype=_adapter_dtype(weight),
-            device=weight.device,
-        )
-        overrides = (
-            {"pooling": pooling_by_role[role]} if config.router == "intuition" and role in pooling_by_role else {}
-        )
-        router = router_cls.from_config(d_in, num_experts, config, **overrides).to(weight.device)
-        scaling = _scaling(alpha, experts.adapter_rank, config.use_rslora)
-        _check_scaling(name, alpha, scaling, _adapter_dtype(weight))
-        layer = MoLoRALinear(
-            module,
-            name=name,
-            experts=experts,
-            router=router,
-            scaling=scaling,
-            dropout=config.dropout,
-            role=role,
-            aux_loss_names=tuple(config.aux_losses),
-            dispatch=config.dispatch,
-        )
+        layer, record = _build_layer(model, name, module, config, owners.get(name), built)
+        built[name] = layer
         layers.append((name, layer))
-        shown_rank = rank if config.expert_type == "lora" else None
-        records.append(
-            InjectedModule(name, type(module).__name__, d_in, d_out, num_experts, shown_rank, alpha, scaling, role)
-        )
+        records.append(record)
 
     for param in model.parameters():
         param.requires_grad_(False)
     for name, layer in layers:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-        for param in list(layer.experts.parameters()) + list(layer.router.parameters()):
+        routers = [] if layer.router is None else list(layer.router.parameters())
+        for param in list(layer.experts.parameters()) + routers:
             param.requires_grad_(True)
 
     names = [n for n, _ in targets]
@@ -240,6 +208,83 @@ def inject(model: nn.Module, config: MoLoRAConfig) -> InjectionReport:
     return InjectionReport(
         records, config.router, config.expert_type, dict(config.aux_losses), excluded, unused, trainable, total
     )
+
+
+def _build_layer(
+    model: nn.Module,
+    name: str,
+    module: nn.Module,
+    config: MoLoRAConfig,
+    owner: str | None,
+    built: dict[str, MoLoRALinear],
+) -> tuple[MoLoRALinear, InjectedModule]:
+    """The MoLoRA layer for one target (not yet in the model) and its line of the report. `owner`: the module that
+    routes this one's block (routing_scope='block'), built earlier; None when each module routes itself."""
+    d_in, d_out = _features(module)
+    num_experts = config.experts_for(name)
+    rank, alpha = config.rank_for(name), config.alpha_for(name)
+    role = _role(model, name)
+    weight = module.weight
+    experts = build_experts(
+        config.expert_type,
+        d_in,
+        d_out,
+        num_experts + config.shared_experts,
+        rank,
+        init_zero=config.init_lora_weights,
+        dtype=_adapter_dtype(weight),
+        device=weight.device,
+        share_a=config.share_lora_a,
+    )
+    router = None
+    if owner is None or owner == name:
+        pooling_by_role = {"decoder": "causal", "cross": "mean"}
+        intuition_role = config.router == "intuition" and role in pooling_by_role
+        overrides = {"pooling": pooling_by_role[role]} if intuition_role else {}
+        if config.top_k is not None and config.top_k > num_experts:  # this module uses all its experts
+            overrides["top_k"] = num_experts
+        router = ROUTERS[config.router].from_config(d_in, num_experts, config, **overrides).to(weight.device)
+    scaling = _scaling(alpha, experts.adapter_rank, config.use_rslora)
+    _check_scaling(name, alpha, scaling, _adapter_dtype(weight))
+    deciding = router if router is not None else built[owner].router
+    gate_multiplier = float(deciding.top_k or num_experts) if config.mixture_scaling == "sum" else 1.0
+    layer = MoLoRALinear(
+        module,
+        name=name,
+        experts=experts,
+        router=router,
+        scaling=scaling,
+        dropout=config.dropout,
+        role=role,
+        aux_loss_names=tuple(config.aux_losses),
+        dispatch=config.dispatch,
+        num_shared=config.shared_experts,
+        gate_multiplier=gate_multiplier,
+        block=None if owner is None else name.rpartition(".")[0],
+        block_owner=None if owner is None or owner == name else built[owner],
+    )
+    shown_rank = rank if config.expert_type == "lora" else None
+    record = InjectedModule(name, type(module).__name__, d_in, d_out, num_experts, shown_rank, alpha, scaling, role)
+    return layer, record
+
+
+def block_owners(targets: list[tuple[str, nn.Module]], config: MoLoRAConfig) -> dict[str, str]:
+    """routing_scope='block': {module name: the first adapted module of its parent}, which routes for the block;
+    {} for routing per module. Every module of a block must have the same number of experts."""
+    if config.routing_scope != "block":
+        return {}
+    owners: dict[str, str] = {}
+    first: dict[str, str] = {}
+    for name, _ in targets:
+        block = name.rpartition(".")[0]
+        owner = first.setdefault(block, name)
+        if config.experts_for(name) != config.experts_for(owner):
+            raise ValueError(
+                f"routing_scope='block': {name} has {config.experts_for(name)} experts but {owner}, which routes "
+                f"block {block!r}, has {config.experts_for(owner)}; the modules of a block share one routing decision"
+            )
+        owners[name] = owner
+    return owners
 
 
 def molora_layers(model: nn.Module) -> list[tuple[str, MoLoRALinear]]:

@@ -21,6 +21,7 @@ class RouterOutput:
     probs: torch.Tensor  # [B, L, E] full softmax (balance losses read these)
     weights: torch.Tensor  # [B, L, E] mixture weights, zero outside the selection
     indices: torch.Tensor | None  # [B, L, k] selected experts; None for dense routing
+    task_ids: torch.Tensor | None = None  # [B] the task of each sequence, when given (task-aware aux losses read it)
     # Quantities derived from this output that several aux losses share (see molora.losses).
     cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
@@ -100,7 +101,20 @@ class Router(nn.Module):
     def from_config(cls, in_features: int, num_experts: int, config: Any, **overrides: Any) -> Router:
         options = dict(top_k=config.top_k, temperature=config.router_temperature, jitter=config.router_jitter)
         options.update(overrides)
-        return cls(in_features, num_experts, **options)
+        router = cls(in_features, num_experts, **options)
+        if getattr(config, "router_init_std", None) is not None:
+            router.init_output(config.router_init_std)
+        return router
+
+    def output_weight(self) -> torch.Tensor | None:
+        """The parameter producing the logits last (its scale sets how far from uniform routing starts)."""
+        return None
+
+    @torch.no_grad()
+    def init_output(self, std: float) -> None:
+        weight = self.output_weight()
+        if weight is not None:
+            nn.init.normal_(weight, std=std)
 
     def input_projection(self) -> torch.Tensor | None:
         """A [k, d_in] weight the router applies to its input first, or None.
@@ -140,6 +154,7 @@ class Router(nn.Module):
             probs=probs,
             weights=probs if indices is None else broadcast(weights, shape),
             indices=None if indices is None else broadcast(indices, (*shape[:-1], indices.shape[-1])),
+            task_ids=inputs.task_ids,
         )
 
 
@@ -151,6 +166,9 @@ class LinearRouter(Router):
         self.gate = nn.Linear(in_features, num_experts, bias=False, dtype=torch.float32)
 
     def input_projection(self) -> torch.Tensor:
+        return self.gate.weight
+
+    def output_weight(self) -> torch.Tensor:
         return self.gate.weight
 
     def compute_logits(self, x: torch.Tensor, inputs: RouterInputs, projected: torch.Tensor | None) -> torch.Tensor:
@@ -232,6 +250,9 @@ class IntuitionRouter(Router):
     def input_projection(self) -> torch.Tensor:
         return self.mlp[0].weight
 
+    def output_weight(self) -> torch.Tensor:
+        return self.mlp[3].weight
+
     def compute_logits(self, x: torch.Tensor, inputs: RouterInputs, projected: torch.Tensor | None) -> torch.Tensor:
         # Pooling is a weighted mean, so it commutes with the first linear map: pool(x) W^T + b = pool(x W^T) + b.
         # Pooling the projected [B, L, hidden] instead of x [B, L, d_in] moves d_in/hidden times less data, and
@@ -295,6 +316,9 @@ class TaskRouter(Router):
     def from_config(cls, in_features: int, num_experts: int, config: Any, **overrides: Any) -> Router:
         overrides.setdefault("num_tasks", config.num_tasks)
         return super().from_config(in_features, num_experts, config, **overrides)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.task_embedding.weight
 
     def compute_logits(self, x: torch.Tensor, inputs: RouterInputs, projected: torch.Tensor | None) -> torch.Tensor:
         if inputs.task_ids is None:

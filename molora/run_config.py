@@ -42,7 +42,8 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 2e-4
-    router_lr: float | None = None  # None: same as lr
+    router_lr: float | None = None  # None: lr * router_lr_scale
+    router_lr_scale: float = 1.0
     weight_decay: float = 0.0
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
@@ -51,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: only at start and end
+    eval_at_start: bool = True  # the step-0 evaluation ("before"); ablations skip it (the base row has it)
     eval_batch_size: int = 8
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
@@ -73,6 +75,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"train.{name} must be an int >= 0, got {value!r}")
+        if not self.router_lr_scale > 0:
+            raise ValueError(f"train.router_lr_scale must be > 0, got {self.router_lr_scale!r}")
         if not self.lr > 0 or (self.router_lr is not None and not self.router_lr > 0):
             raise ValueError(f"train.lr and train.router_lr must be > 0, got {self.lr!r}, {self.router_lr!r}")
         if self.stop_after is not None and (not isinstance(self.stop_after, int) or self.stop_after < 1):

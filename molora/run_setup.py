@@ -38,7 +38,7 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 def make_optimizer(model: MoLoRAModel, config: RunConfig) -> torch.optim.AdamW:
     experts = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
     routers = [p for n, p in model.named_parameters() if p.requires_grad and ".router." in n]
-    router_lr = config.train.router_lr or config.train.lr
+    router_lr = config.train.router_lr or config.train.lr * config.train.router_lr_scale
     groups = [{"params": experts, "lr": config.train.lr}, {"params": routers, "lr": router_lr}]
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.train.weight_decay)
 

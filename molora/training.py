@@ -96,7 +96,7 @@ def prepare_run(config: RunConfig, run_dir: Path) -> Run:
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
     base, tokenizer = load_base(config.model.name, task=config.model.task)
-    data = MultiDomainData(config.data, tokenizer)
+    data = MultiDomainData(config.data, tokenizer, order_seed=tcfg.seed)
     model = build_model(base, config).to(device)
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -202,13 +202,13 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[
         if run.optimizer is None:  # nothing to train: evaluate the model as it is
             open_run_folder(run, 0)
             results, _ = evaluate_and_log(run, 0)
-            return _finish(run, results, results, 0, 0.0, None)
+            return _finish(run, results, results, 0, 0.0, None, evaluate_validation(run, 0))
         progress = resume_from_checkpoint(run) if resume else Progress()
         open_run_folder(run, progress.step)
         if run.routed and run.is_main:
             print(run.model.injection_report)
         if progress.before is None:
-            progress.before, _ = evaluate_and_log(run, 0)
+            progress.before = evaluate_and_log(run, 0)[0] if run.config.train.eval_at_start else {}
         return _train_loop(run, progress)
     finally:
         if lock is not None:
@@ -243,7 +243,17 @@ def _train_loop(run: Run, progress: Progress) -> dict[str, Any]:
     if end_step < tcfg.steps:  # stopped early on request; --resume continues from the checkpoint
         return {"before": progress.before, "stopped_at": end_step}
     after, recorder = evaluate_and_log(run, tcfg.steps)
-    return _finish(run, progress.before, after, end_step - start_step, seconds, recorder)
+    after_val = evaluate_validation(run, tcfg.steps)
+    return _finish(run, progress.before, after, end_step - start_step, seconds, recorder, after_val)
+
+
+def evaluate_validation(run: Run, step: int) -> dict[str, Any] | None:
+    """The validation split's results (data.val_fraction > 0), else None."""
+    if not run.config.data.val_fraction:
+        return None
+    results = evaluate(run.model, run.data, run.config, run.device, split="val")
+    run.log({"step": step, "type": "val", **{f"val/{k}": v["loss"] for k, v in results.items()}})
+    return results
 
 
 @dataclass
@@ -359,12 +369,15 @@ def log_train_step(run: Run, progress: Progress, result: StepResult, window: Win
     window.tokens, window.start = 0, time.perf_counter()
 
 
-def _finish(run: Run, before: dict, after: dict, steps_run: int, seconds: float, recorder) -> dict[str, Any]:
+def _finish(
+    run: Run, before: dict, after: dict, steps_run: int, seconds: float, recorder, after_val: dict | None = None
+) -> dict[str, Any]:
     """Check ranks agree, then (rank 0) write adapter/, eval.json, summary.md and routing/."""
     config, trainable = run.config, run.trainable if run.optimizer is not None else []
     result = {
         "before": before,
         "after": after,
+        "after_val": after_val,  # the validation split (data.val_fraction > 0), else None
         "steps": config.train.steps if trainable else 0,
         "seconds": seconds,
         "seconds_per_step": seconds / steps_run if steps_run else None,

@@ -1,79 +1,134 @@
 import csv
+import json
 
 import pytest
 import yaml
 
+from molora import training
 from molora.ablation import load_ablation, run_ablation
+from molora.ablation_report import summarise
 from molora.cli import ablate_main, inspect_main
+from molora.stats import mean_interval, paired_interval, t_quantile_975
 from tests.tiny import save_tiny_model, tiny_run_config, write_toy_domains
 
 
 @pytest.fixture(scope="module")
-def tiny_ablation(tmp_path_factory):
+def tiny_spec(tmp_path_factory):
     root = tmp_path_factory.mktemp("ablation")
     spec = tiny_run_config(save_tiny_model(root / "model"), write_toy_domains(root / "toy.jsonl"), steps=4)
+    spec["data"].update(val_fraction=0.2, max_val_per_domain=6)
+    spec["train"]["eval_at_start"] = False
     spec["ablation"] = {
+        "seeds": 2,
+        "quick_seeds": 2,
+        "baseline": "peft-lora",
+        "match": {"reference": "peft-lora", "tolerance": 0.5},
         "rows": [
+            {
+                "name": "peft-lora",
+                "model": {"adapter": "peft-lora", "peft_rank": 16},
+                "grid": {"train.lr": [0.01, 0.02]},
+            },
             {"name": "softmax", "molora": {"router": "softmax"}},
-            {"name": "topk", "molora": {"router": "topk", "top_k": 2}},
-            {"name": "switch", "molora": {"router": "switch"}},
-            {"name": "intuition", "molora": {"router": "intuition"}},
-            {"name": "task", "molora": {"router": "task"}},
-            {"name": "rank1-softmax", "molora": {"expert_type": "rank1", "num_experts": 16, "router": "softmax"}},
-            {"name": "rank1-intuition", "molora": {"expert_type": "rank1", "num_experts": 16, "router": "intuition"}},
-            {"name": "peft-lora", "model": {"adapter": "peft-lora"}},
+            {"name": "task", "molora": {"router": "task", "mixture_scaling": "sum"}},
             {"name": "base-model", "model": {"adapter": "none"}},
-            {"name": "broken", "molora": {"rank": 4, "target_modules": ["qkv_proj"]}},
+            {"name": "diverges", "train": {"lr": 1.0e30}},
         ],
         "quick": {"train": {"steps": 2}},
     }
-    path = root / "ablation.yaml"
+    return spec
+
+
+def write(spec, path):
     path.write_text(yaml.safe_dump(spec))
     return path
 
 
-def test_every_row_runs_and_the_table_reports_failures(tiny_ablation, tmp_path):
-    rows = run_ablation(tiny_ablation, tmp_path, quick=True, inline=True)
-    by_name = {r["row"]: r for r in rows}
-    assert [r["row"] for r in rows][:9] == [
-        "softmax",
-        "topk",
-        "switch",
-        "intuition",
-        "task",
-        "rank1-softmax",
-        "rank1-intuition",
-        "peft-lora",
-        "base-model",
-    ]
-    assert by_name["broken"]["status"] == "failed" and "qkv_proj" in by_name["broken"]["error"]
-    for name, row in by_name.items():
-        if name != "broken":
-            assert row["status"] == "ok", row
-            assert row["loss/upper"] > 0 and row["loss/mean"] > 0
-    softmax, peft = by_name["softmax"]["trainable_params"], by_name["peft-lora"]["trainable_params"]
-    assert abs(peft - softmax) / softmax < 0.15  # the PEFT baseline's rank matches the mixture's budget
-    assert by_name["base-model"]["trainable_params"] == 0 and by_name["base-model"]["routing_mi"] is None
-    assert by_name["task"]["routing_mi"] is not None and by_name["peft-lora"]["routing_mi"] is None
-    assert {p.name for p in tmp_path.iterdir()} >= {"ablation.md", "ablation.csv", "ablation.png", "rows"}
-    table = (tmp_path / "ablation.md").read_text()
-    assert "| broken | failed:" in table and "| peft-lora |" in table
-    with (tmp_path / "ablation.csv").open() as handle:
-        assert [r["row"] for r in csv.DictReader(handle)] == [r["row"] for r in rows]
+def test_every_row_runs_every_seed_grid_rows_choose_on_validation_and_reruns_skip(tiny_spec, tmp_path, monkeypatch):
+    config = write(tiny_spec, tmp_path / "ablation.yaml")
+    results = run_ablation(config, tmp_path / "out", quick=True, inline=True)
+    runs = {(r["variant"], r["seed"]): r for r in results}
+    assert runs[("diverges", 0)]["status"] == "failed" and "non-finite" in runs[("diverges", 0)]["error"]
+    assert {("softmax", 0), ("softmax", 1), ("task", 0), ("task", 1), ("base-model", 0)} <= set(runs)
+    assert ("base-model", 1) not in runs  # nothing to train: one run
+    grid = {v: r for (v, s), r in runs.items() if v.startswith("peft-lora[") and s == 0}
+    assert set(grid) == {"peft-lora[lr=0.01]", "peft-lora[lr=0.02]"}
+    best = min(grid.values(), key=lambda r: r["val"]["mean"]["loss"])["variant"]
+    assert [v for (v, s) in runs if s == 1 and v.startswith("peft-lora")] == [best]  # only the choice runs on
+    for (_, seed), r in runs.items():
+        if r["status"] == "ok":
+            assert r["spec"]["train"]["seed"] == seed and r["eval"]["mean"]["loss"] > 0
+            assert r["val"]["mean"]["loss"] > 0 and 0 <= r["eval"]["mean"]["token_acc"] <= 1
+
+    ablation = load_ablation(config, quick=True)
+    counts = {r["variant"]: r.get("trainable_params", 0) for r in results}
+    summary = {e["row"]: e for e in summarise(ablation, results, counts)}
+    softmax, peft = (by_seed_loss(results, v) for v in ("softmax", best))
+    expected = mean_interval([softmax[s] - peft[s] for s in (0, 1)])
+    assert summary["softmax"]["d_loss"].mean == pytest.approx(expected.mean)
+    assert summary["softmax"]["d_loss"].half_width == pytest.approx(expected.half_width)
+    assert summary["peft-lora"]["variant"] == best and summary["peft-lora"]["d_loss"] is None
+    table = (tmp_path / "out" / "ablation.md").read_text()
+    assert "Grid choices" in table and "diverges seed 0" in table and str(expected) in table
+    with (tmp_path / "out" / "ablation.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(results)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(training, "train", no_training)
+    again = run_ablation(config, tmp_path / "out", quick=True, inline=True)
+    assert sorted((r["variant"], r["seed"]) for r in again if r["status"] == "ok") == sorted(
+        (r["variant"], r["seed"]) for r in results if r["status"] == "ok"
+    )
 
 
-def test_rows_in_fresh_processes_and_the_cli(tiny_ablation, tmp_path, capsys):
-    spec = yaml.safe_load(tiny_ablation.read_text())
-    spec["ablation"]["rows"] = spec["ablation"]["rows"][:1]
-    one_row = tmp_path / "one.yaml"
-    one_row.write_text(yaml.safe_dump(spec))
-    assert ablate_main(["--config", str(one_row), "--quick", "--output-dir", str(tmp_path / "out")]) == 0
-    row = next(csv.DictReader((tmp_path / "out" / "ablation.csv").open()))
-    assert row["status"] == "ok" and float(row["peak_mem_mb"]) > 0
-    run = tmp_path / "out" / "rows" / "softmax" / "run"
+def by_seed_loss(results, variant):
+    return {r["seed"]: r["eval"]["mean"]["loss"] for r in results if r["variant"] == variant and r["status"] == "ok"}
+
+
+def test_a_row_off_the_parameter_budget_is_refused_before_anything_runs(tiny_spec, tmp_path):
+    spec = json.loads(json.dumps(tiny_spec))
+    spec["ablation"]["match"]["tolerance"] = 0.02
+    spec["ablation"]["rows"] = [*spec["ablation"]["rows"][:2], {"name": "big", "molora": {"rank": 8}}]
+    with pytest.raises(ValueError, match=r"within 2% of 'peft-lora'.*big: [\d,]+ \(\+\d"):
+        run_ablation(write(spec, tmp_path / "a.yaml"), tmp_path / "out", quick=True, inline=True)
+    assert not (tmp_path / "out").exists()
+    spec["ablation"]["rows"][2]["allow_unmatched"] = True
+    spec["ablation"]["rows"][1]["allow_unmatched"] = True
+    spec["ablation"]["quick_seeds"] = 1
+    results = run_ablation(write(spec, tmp_path / "b.yaml"), tmp_path / "out", quick=True, inline=True)
+    assert all(r["status"] == "ok" for r in results)
+
+
+def test_paired_intervals_match_a_hand_computation():
+    assert t_quantile_975(1) == 12.706 and t_quantile_975(4) == 2.776 and t_quantile_975(100) == 1.96
+    # differences 0.1, 0.3, 0.2: mean 0.2, sd 0.1, half-width 4.303 * 0.1 / sqrt(3)
+    interval = paired_interval({0: 1.1, 1: 1.3, 2: 1.2, 3: 9.0}, {0: 1.0, 1: 1.0, 2: 1.0})
+    assert interval.mean == pytest.approx(0.2) and interval.n == 3
+    assert interval.half_width == pytest.approx(4.303 * 0.1 / 3**0.5)
+    assert not interval.excludes_zero() and mean_interval([0.2, 0.21, 0.19]).excludes_zero()
+    assert mean_interval([0.5]).half_width is None and paired_interval({0: 1.0}, {1: 1.0}) is None
+
+
+def test_rows_in_fresh_processes_two_at_a_time_and_the_cli(tiny_spec, tmp_path, capsys):
+    spec = json.loads(json.dumps(tiny_spec))
+    spec["ablation"].update(rows=spec["ablation"]["rows"][1:3], quick_seeds=1, baseline="softmax", match={})
+    path = write(spec, tmp_path / "two.yaml")
+    assert ablate_main(["--config", str(path), "--quick", "--jobs", "2", "--output-dir", str(tmp_path / "out")]) == 0
+    lines = list(csv.DictReader((tmp_path / "out" / "ablation.csv").open()))
+    assert {r["variant"] for r in lines} == {"softmax", "task"} and all(r["status"] == "ok" for r in lines)
+    assert all(float(r["peak_mem_mb"]) > 0 and r["threads"] for r in lines)
+    run = tmp_path / "out" / "rows" / "task" / "seed0" / "run"
     assert inspect_main(["--run", str(run), "--output-dir", str(tmp_path / "inspected")]) == 0
-    assert (tmp_path / "inspected" / "report.md").is_file()
     assert "I(task; expert)" in capsys.readouterr().out
+
+
+def test_a_row_that_cannot_build_its_adapter_is_refused_by_name(tiny_spec, tmp_path):
+    spec = json.loads(json.dumps(tiny_spec))
+    spec["ablation"]["rows"].append({"name": "broken", "molora": {"target_modules": ["qkv_proj"]}})
+    with pytest.raises(ValueError, match="row 'broken' cannot build its adapter: target_modules: 'qkv_proj'"):
+        run_ablation(write(spec, tmp_path / "a.yaml"), tmp_path / "out", quick=True, inline=True)
 
 
 def test_bad_ablation_configs(tmp_path):
@@ -86,4 +141,10 @@ def test_bad_ablation_configs(tmp_path):
         load_ablation(path)
     path.write_text(yaml.safe_dump({"ablation": {"rows": [{"name": "a"}, {"name": "a"}]}}))
     with pytest.raises(ValueError, match="unique"):
+        load_ablation(path)
+    path.write_text(yaml.safe_dump({"ablation": {"rows": [{"name": "a", "grid": {"lr": [1]}}]}}))
+    with pytest.raises(ValueError, match=r"section\.key"):
+        load_ablation(path)
+    path.write_text(yaml.safe_dump({"ablation": {"baseline": "b", "rows": [{"name": "a"}]}}))
+    with pytest.raises(ValueError, match="baseline 'b' is not a row"):
         load_ablation(path)

@@ -72,7 +72,8 @@ def test_every_shipped_config_parses(path):
         from molora.ablation import load_ablation
 
         for quick in (False, True):
-            assert all(RunConfig.from_dict(spec).train.steps > 0 for _, spec in load_ablation(path, quick))
+            rows = load_ablation(path, quick).rows
+            assert all(RunConfig.from_dict(spec).train.steps > 0 for row in rows for _, spec in row.variants())
         return
     config = load_run_config(path)
     assert config.train.steps > 0

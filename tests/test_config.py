@@ -25,7 +25,10 @@ BAD_CONFIGS = [
     ("alpha_pattern", dict(alpha_pattern={"(": 4})),
     ("router", dict(router="hash")),
     ("top_k", dict(router="topk", num_experts=4, top_k=5)),
-    ("top_k", dict(router="topk", num_experts={"q": 4, "v": 2}, top_k=3)),
+    (
+        "top_k",
+        dict(router="topk", num_experts={"q": 4, "v": 2}, top_k=5),
+    ),  # a module with fewer experts uses all of them; more than any module has is an error
     ("top_k", dict(router="topk", top_k=0)),
     ("top_k", dict(router="switch", top_k=2)),
     ("router_temperature", dict(router_temperature=0.0)),

@@ -28,13 +28,42 @@ def test_builtin_domain_loads_and_splits_disjoint_and_deterministic(domain):
     records = load_records(config)[domain]
     assert len(records) >= 100
     assert all(set(r) == {"prompt", "response"} and r["response"] for r in records)
-    train, evaluation = split_records(records, domain, config)
-    again_train, again_eval = split_records(records, domain, config)
-    assert train == again_train and evaluation == again_eval
+    train, evaluation, validation = split_records(records, domain, config)
+    again_train, again_eval, _ = split_records(records, domain, config)
+    assert train == again_train and evaluation == again_eval and validation == []
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in evaluation}
     assert len(train) + len(evaluation) == len(records)
-    other_train, _ = split_records(records, domain, DataConfig(domains=[domain], seed=1))
+    other_train, _, _ = split_records(records, domain, DataConfig(domains=[domain], seed=1))
     assert other_train != train
+
+
+@pytest.mark.parametrize("domain", sorted(BUILTIN_DOMAINS))
+def test_a_validation_split_is_disjoint_and_leaves_the_eval_split_as_it_was(domain):
+    records = load_records(DataConfig(domains=[domain]))[domain]
+    _, plain_eval, _ = split_records(records, domain, DataConfig(domains=[domain]))
+    config = DataConfig(domains=[domain], val_fraction=0.2, max_val_per_domain=30)
+    train, evaluation, validation = split_records(records, domain, config)
+    assert evaluation == plain_eval
+    assert 1 <= len({r["prompt"] for r in validation}) <= 30
+    prompts = [{r["prompt"] for r in part} for part in (train, evaluation, validation)]
+    assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
+    assert len(train) + len(evaluation) + len(validation) == len(records)
+
+
+def test_the_run_seed_changes_the_batch_order_not_the_splits(tokenizer):
+    config = DataConfig(domains=["math", "qa"], max_examples_per_domain=30, max_length=64, val_fraction=0.2)
+    first, second = MultiDomainData(config, tokenizer), MultiDomainData(config, tokenizer, order_seed=1)
+    for a, b in zip(first.domains, second.domains, strict=True):
+        assert a.eval["input_ids"] == b.eval["input_ids"] and a.val["input_ids"] == b.val["input_ids"]
+    assert not torch.equal(first.train_batch(0, 8)["input_ids"], second.train_batch(0, 8)["input_ids"])
+    assert torch.equal(second.train_batch(3, 8)["input_ids"], second.train_batch(3, 8)["input_ids"])
+
+
+def test_label_domains_are_detected_by_their_responses(tokenizer):
+    data = MultiDomainData(DataConfig(domains=["sentiment", "qa"], max_examples_per_domain=60), tokenizer)
+    sentiment, qa = data.domains
+    assert sentiment.label_tokens is not None and len(sentiment.label_tokens) == 2
+    assert qa.label_tokens is None
 
 
 def test_built_examples_have_text_prompt_len_domain_and_task_id(tokenizer, tmp_path):

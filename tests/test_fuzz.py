@@ -151,7 +151,11 @@ def _split(kwargs: dict) -> tuple[dict, dict]:
 
 def _forward(model, config: MoLoRAConfig, batch: dict) -> torch.Tensor:
     length = batch["input_ids"].shape[1]
-    task_ids = torch.arange(2) % config.num_tasks if config.router == "task" else None
+    task_ids = None
+    if config.router == "task":
+        task_ids = torch.arange(2) % config.num_tasks
+    elif "task_mi" in config.aux_losses:  # the task-aware loss reads task ids whatever the router
+        task_ids = torch.arange(2)
     prompt_mask = torch.arange(length).expand(2, length) < max(1, length // 2)
     return outputs_of(model(**batch, task_ids=task_ids, prompt_mask=prompt_mask))
 
