@@ -8,6 +8,7 @@ ops per forward instead of per layer (on CPU at small batches and on GPU, where 
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from functools import cached_property
 
@@ -107,6 +108,26 @@ def balance_loss(route: RouterOutput, token_mask: torch.Tensor | None = None) ->
         current = token_count(route, token_mask)
         fraction = (fraction * current + fraction_sum) / (current + tokens).unsqueeze(-1)
     return num_experts * (fraction * _mean_probs(route, token_mask)).sum(-1)
+
+
+class BalanceWindow:
+    """Global-batch balance: per layer, the detached (f_e * tokens, tokens) of the last size - 1 forwards."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.history: dict[str, collections.deque] = {}
+
+    def attach(self, name: str, route: RouterOutput, token_mask: torch.Tensor | None) -> None:
+        """Hand the route the window's earlier forwards (for balance_loss), then add its own; once per route."""
+        if self.size <= 1 or "balance_window_seen" in route.cache:
+            return
+        route.cache["balance_window_seen"] = True
+        history = self.history.setdefault(name, collections.deque(maxlen=self.size - 1))
+        if history:
+            route.cache["balance_history"] = tuple(torch.stack(part).sum(0) for part in zip(*history, strict=True))
+        with torch.no_grad():
+            tokens = token_count(route, token_mask)
+            history.append((routed_fraction(route, token_mask) * tokens, tokens))
 
 
 def balance_history(route) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import warnings
 import weakref
@@ -26,7 +25,7 @@ from molora.context import (
 from molora.inputs import CallShape, check_batch, first_input, prompt_mask_tensor, task_id_tensor
 from molora.inspect import RoutingRecorder
 from molora.layer import MoLoRALinear
-from molora.losses import aux_term_means, layer_aux_terms, routed_fraction, token_count
+from molora.losses import BalanceWindow, aux_term_means, layer_aux_terms
 from molora.patcher import InjectionReport, inject, molora_layers, unload
 from molora.utils import atomic_write
 
@@ -45,8 +44,7 @@ class MoLoRAModel(nn.Module):
         self.load_result: AdapterLoadResult | None = None  # what from_pretrained loaded (strict=False may skip)
         self._layers: tuple[tuple[str, MoLoRALinear], ...] = tuple(molora_layers(model))  # fixed once injected
         self._aux_means: tuple[list, dict[str, torch.Tensor]] | None = None  # (refs to their routes, means)
-        # balance_window > 1: per layer, the detached (f_e * tokens, tokens) of the last balance_window - 1 forwards
-        self._balance_history: dict[str, collections.deque] = {}
+        self._balance_window = BalanceWindow(config.balance_window)
         self._mask_captures = [
             MaskCapture(
                 {"attention_mask": "attention_mask", "decoder_attention_mask": "decoder_attention_mask"},
@@ -210,25 +208,10 @@ class MoLoRAModel(nn.Module):
         return dict(cached[1])
 
     def _window_balance(self, layers: list[tuple[str, MoLoRALinear]]) -> None:
-        """Global-batch balance (config.balance_window > 1, training): hand each route the routed fractions of the
-        layer's earlier forwards in the window, then add its own; once per route, however often the terms are read."""
-        window = self.molora_config.balance_window
-        if window <= 1 or not self.training or "balance" not in self.molora_config.aux_losses:
-            return
-        for name, layer in layers:
-            route, mask = layer.last_route
-            if "balance_window_seen" in route.cache:
-                continue
-            route.cache["balance_window_seen"] = True
-            history = self._balance_history.setdefault(name, collections.deque(maxlen=window - 1))
-            if history:
-                route.cache["balance_history"] = (
-                    torch.stack([h[0] for h in history]).sum(0),
-                    torch.stack([h[1] for h in history]).sum(0),
-                )
-            with torch.no_grad():
-                tokens = token_count(route, mask)
-                history.append((routed_fraction(route, mask) * tokens, tokens))
+        """Global-batch balance (config.balance_window > 1): only training forwards enter the window."""
+        if self.training and "balance" in self.molora_config.aux_losses:
+            for name, layer in layers:
+                self._balance_window.attach(name, *layer.last_route)
 
     def aux_loss(self) -> torch.Tensor:
         """The weighted sum of the aux losses of the last forward (differentiable when that forward was)."""

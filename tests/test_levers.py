@@ -168,7 +168,7 @@ def test_global_batch_balance_uses_the_routed_fraction_of_the_whole_window(route
                 assert abs(alone.item() - expected.item()) > 1e-4
     model.eval()
     model(**make_batch(seed=9))
-    assert len(model._balance_history[next(iter(seen[-1]))]) == window - 1  # evaluation adds nothing
+    assert len(model._balance_window.history[next(iter(seen[-1]))]) == window - 1  # evaluation adds nothing
 
 
 def hand_mutual_information(probs, mask, task_ids) -> float:
