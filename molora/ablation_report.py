@@ -73,6 +73,8 @@ def summarise(ablation: Ablation, results: list[dict], counts: dict[str, int]) -
 
         mean_loss = lambda r: r["eval"]["mean"]["loss"]  # noqa: E731
         entry["loss"] = mean_interval(list(values(mean_loss).values()))
+        val_loss = lambda r: (r.get("val") or {}).get("mean", {}).get("loss")  # noqa: E731
+        entry["val_loss"] = mean_interval(list(values(val_loss).values())) if values(val_loss) else None
         entry["d_loss"] = paired(mean_loss)
         entry["d_domain"] = {d: paired(lambda r, d=d: metric(r, d, "loss")) for d in domains}
         entry["loss_domain"] = {
@@ -139,20 +141,22 @@ def markdown(ablation: Ablation, summary: list[dict], results: list[dict], comma
         f"min). Seeds: {len(ablation.seeds)}; each seed changes adapter initialisation and data order.",
         "",
         f"Loss is the token-weighted eval loss, averaged over domains (mean ± 95 % t interval over seeds). Δ is "
-        f"row - `{base}` paired by seed (negative: the row is better), mean ± 95 % interval. Grid rows were chosen "
-        "on the validation split with the first seed. params: trainable parameters, and their ratio to "
+        f"row - `{base}` paired by seed (negative: the row is better), mean ± 95 % interval. Choices (grid points, "
+        "which configuration is best) are made on the validation loss; grid rows chose with the first seed. step_s "
+        "is the time per step of a run that shared the cores with the others (--jobs), not a speed benchmark. "
+        "params: trainable parameters, and their ratio to "
         f"`{ablation.reference}`. routing_mi: I(task; expert) / H(task), averaged over layers.",
         "",
-        "| row | chosen | params | seeds | eval loss | Δ loss | token acc | "
+        "| row | chosen | params | seeds | val loss | eval loss | Δ loss | token acc | "
         + " | ".join(f"{k.split('/')[1]} acc | Δ {k.split('/')[1]} acc" for k in label_keys)
         + (" | " if label_keys else "")
         + "routing_mi | dead | step_s |",
-        "|" + "---|" * (10 + 2 * len(label_keys)),
+        "|" + "---|" * (11 + 2 * len(label_keys)),
     ]
     for e in summary:
         params = _fmt(e["params"]) + ("" if e["params_ratio"] is None else f" ({e['params_ratio']:.3f})")
         cells = [e["row"], e["variant"] or "(grid running)", params, str(e["seeds"])]
-        cells += [_fmt(e.get("loss")), _fmt(e.get("d_loss"), True), _fmt(e.get("token_acc"))]
+        cells += [_fmt(e.get("val_loss")), _fmt(e.get("loss")), _fmt(e.get("d_loss"), True), _fmt(e.get("token_acc"))]
         for key in label_keys:
             cells += [_fmt(e.get(key)), _fmt(e.get("d_" + key), True)]
         cells += [_fmt(e.get("routing_mi")), _fmt(e.get("dead_experts")), _fmt(e.get("step_s"))]
