@@ -191,14 +191,19 @@ def check_matched(ablation: Ablation) -> dict[str, int]:
     return counts
 
 
-def run_one(variant: str, spec: dict[str, Any], seed: int, folder: Path, inline: bool, threads: int | None) -> dict:
-    """One training run of one variant and seed; skipped when folder/result.json holds the same config."""
+def run_one(
+    variant: str, spec: dict[str, Any], seed: int, folder: Path, inline: bool, threads: int | None, train: bool = True
+) -> dict | None:
+    """One training run of one variant and seed; skipped when folder/result.json holds the same config.
+    train=False only reads what is done: None when there is no such result."""
     spec = deep_merge(spec, {"train": {"seed": seed, "progress": False}})
     done = folder / "result.json"
     if done.is_file():
         previous = json.loads(done.read_text())
         if previous.get("spec") == spec and previous.get("status") == "ok":
             return previous
+    if not train:
+        return None
     folder.mkdir(parents=True, exist_ok=True)
     config_path = folder / "row.yaml"
     atomic_write_text(config_path, yaml.safe_dump(spec, sort_keys=False))
@@ -257,9 +262,11 @@ def run_ablation(
     inline: bool = False,
     seeds: int | None = None,
     jobs: int = 1,
+    report_only: bool = False,
 ) -> list[dict]:
     """Every row over every seed (grid rows: choose on validation with the first seed); writes the tables as runs
-    finish. jobs > 1 runs that many processes at once with cores/jobs threads each."""
+    finish. jobs > 1 runs that many processes at once with cores/jobs threads each. report_only: train nothing,
+    write the tables from the runs already done."""
     ablation = load_ablation(config, quick, seeds)
     counts = check_matched(ablation)
     out = Path(out)
@@ -273,7 +280,10 @@ def run_ablation(
     lock = threading.Lock()  # jobs > 1: runs finish on several threads; one writes the tables at a time
 
     def launch(variant: str, spec: dict[str, Any], seed: int) -> dict:
-        result = run_one(variant, spec, seed, out / "rows" / variant / f"seed{seed}", inline, threads)
+        folder = out / "rows" / variant / f"seed{seed}"
+        result = run_one(variant, spec, seed, folder, inline, threads, train=not report_only)
+        if result is None:  # report_only, not run yet
+            return {"variant": variant, "seed": seed, "status": "pending"}
         with lock:
             results.append(result)
             shown = f"eval {result['eval']['mean']['loss']:.3f}" if result["status"] == "ok" else result["error"]
@@ -282,20 +292,25 @@ def run_ablation(
         return result
 
     first = ablation.seeds[0]
-    phase_one = []  # grid points on the first seed; rows without a grid on every seed (the base model: once)
-    for row in ablation.rows:
-        if row.grid:
-            phase_one += [(name, spec, first) for name, spec in row.variants()]
-        else:
-            phase_one += [(row.name, row.spec, s) for s in (ablation.seeds if row.trains else [first])]
-    with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(lambda task: launch(*task), phase_one))
-        phase_two = []
-        for row in ablation.rows:
-            if row.grid:
-                tried = [r for r in results if r["variant"] in dict(row.variants()) and r["seed"] == first]
-                best = min(tried, key=val_loss)["variant"]
-                phase_two += [(best, dict(row.variants())[best], s) for s in ablation.seeds[1:]]
-        list(pool.map(lambda task: launch(*task), phase_two))
+    with ThreadPoolExecutor(jobs) as pool, ThreadPoolExecutor(max(1, len(ablation.rows))) as coordinators:
+
+        def grid_row(row: Row) -> list:
+            """The grid on the first seed, then (as soon as it is done) the chosen point on the other seeds."""
+            tried = [f.result() for f in [pool.submit(launch, name, spec, first) for name, spec in row.variants()]]
+            if any(r["status"] == "pending" for r in tried):
+                return []
+            best = min(tried, key=val_loss)["variant"]
+            return [pool.submit(launch, best, dict(row.variants())[best], s) for s in ablation.seeds[1:]]
+
+        grids = [coordinators.submit(grid_row, row) for row in ablation.rows if row.grid]
+        # seed-major: an interrupted ablation leaves whole seeds (paired samples) rather than whole rows
+        plain = [
+            pool.submit(launch, row.name, row.spec, seed)
+            for seed in ablation.seeds
+            for row in ablation.rows
+            if not row.grid and (row.trains or seed == first)  # the base model trains nothing: once
+        ]
+        for future in plain + [f for grid in grids for f in grid.result()]:
+            future.result()
     write_outputs(ablation, results, counts, out, command, time.perf_counter() - started)
     return results

@@ -91,17 +91,20 @@ def ablate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, help="default runs/ablation (runs/ablation-quick with --quick)")
     parser.add_argument("--seeds", type=int, help="seeds per row (default: the config's ablation.seeds, else 3)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each with cores/jobs threads")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: tables from the finished runs")
     args = parser.parse_args(argv)
     from molora.ablation import run_ablation
 
     out = args.output_dir or Path("runs") / ("ablation-quick" if args.quick else "ablation")
     try:
-        rows = run_ablation(args.config, out, quick=args.quick, seeds=args.seeds, jobs=args.jobs)
+        rows = run_ablation(
+            args.config, out, quick=args.quick, seeds=args.seeds, jobs=args.jobs, report_only=args.report_only
+        )
     except (ValueError, FileNotFoundError) as err:
         print(f"molora-ablate: error: {err}", file=sys.stderr)
         return 2
     print((out / "ablation.md").read_text())
-    return 0 if any(r["status"] == "ok" for r in rows) else 1
+    return 0 if any(r["status"] == "ok" for r in rows) or args.report_only else 1
 
 
 if __name__ == "__main__":
