@@ -14,7 +14,6 @@ from typing import Any
 from molora.version import __version__
 
 EXPERT_TYPES = ("lora", "rank1")
-INTUITION_POOLINGS = ("causal", "prompt", "mean")
 MIXTURE_SCALINGS = ("mean", "sum")
 ROUTING_SCOPES = ("module", "block")
 DISPATCHES = ("auto", "dense", "grouped")
@@ -123,8 +122,10 @@ class MoLoRAConfig:
 
     def __post_init__(self) -> None:
         self.validate()
-        if self.router == "softmax" and self.top_k is not None:
-            warnings.warn("top_k is ignored by router='softmax' (dense); use router='topk'", stacklevel=3)
+        from molora.routers import ROUTERS
+
+        for message in ROUTERS[self.router].config_warnings(self):
+            warnings.warn(message, stacklevel=3)
 
     def validate(self) -> None:
         """Check every field (ValueError naming it) and normalise the shorthands (top_k defaults, an int layer).
@@ -133,7 +134,7 @@ class MoLoRAConfig:
         """
         # Imported here so that the registries (which users may extend) stay below the config in the dependency order.
         from molora.losses import AUX_LOSSES
-        from molora.routers import ROUTERS, SPARSE_DEFAULT_TOP_K
+        from molora.routers import INTUITION_POOLINGS, ROUTERS
 
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
@@ -176,16 +177,6 @@ class MoLoRAConfig:
             raise ValueError(f"use_rslora must be True or False, got {self.use_rslora!r}")
 
         _check_choice("router", self.router, ROUTERS)
-        if self.router in SPARSE_DEFAULT_TOP_K and self.top_k is None:
-            self.top_k = SPARSE_DEFAULT_TOP_K[self.router]
-        if self.top_k is not None and self.router != "softmax":
-            _check_number("top_k", self.top_k, minimum=1, kind=int)
-            if self.router == "switch" and self.top_k != 1:
-                raise ValueError(f"top_k must be 1 (or None) for router='switch', got {self.top_k}")
-            # a module with fewer experts than top_k uses all of them (plain LoRA beside routed modules: MixLoRA)
-            largest = max(self.num_experts.values()) if isinstance(self.num_experts, dict) else self.num_experts
-            if self.top_k > largest:
-                raise ValueError(f"top_k={self.top_k} is larger than num_experts={largest}")
         _check_number("router_temperature", self.router_temperature, minimum=0, kind=float, strict=True)
         if self.router_temperature < MIN_ROUTER_TEMPERATURE:
             raise ValueError(
@@ -197,10 +188,9 @@ class MoLoRAConfig:
         _check_choice("intuition_pooling", self.intuition_pooling, INTUITION_POOLINGS)
         if self.intuition_hidden is not None:
             _check_number("intuition_hidden", self.intuition_hidden, minimum=2, kind=int)
-        if self.router == "task" and self.num_tasks is None:
-            raise ValueError("num_tasks is required for router='task'")
         if self.num_tasks is not None:
             _check_number("num_tasks", self.num_tasks, minimum=1, kind=int)
+        ROUTERS[self.router].check_config(self)  # after the fields it reads (num_experts, num_tasks) are checked
 
         if not isinstance(self.aux_losses, dict):
             raise ValueError(f"aux_losses must be a dict {{name: weight}}, got {self.aux_losses!r}")
@@ -232,6 +222,10 @@ class MoLoRAConfig:
             _check_number("router_init_std", self.router_init_std, minimum=0, kind=float)
         _check_number("balance_window", self.balance_window, minimum=1, kind=int)
         _check_choice("routing_scope", self.routing_scope, ROUTING_SCOPES)
+        if self.routing_scope == "block" and not ROUTERS[self.router].shareable:
+            raise ValueError(
+                f"routing_scope='block' shares one router across modules; router={self.router!r} cannot be"
+            )
 
     @staticmethod
     def _check_regex(name: str, pattern: str) -> None:

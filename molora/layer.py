@@ -7,7 +7,7 @@ from torch import nn
 
 from molora.context import RoutingContext, current_context, in_backward
 from molora.experts import Experts
-from molora.routers import Router, RouterInputs, RouterOutput
+from molora.routers import ROUTERS, Router, RouterInputs, RouterOutput
 
 # Where a layer sits decides which attention mask describes its input tokens and how its router may pool:
 # "self" (decoder-only or encoder-only model), "encoder", "decoder" (always causal), "cross" (reads encoder states).
@@ -261,10 +261,12 @@ class MoLoRALinear(nn.Module):
         num_experts = router.num_experts
         if num_experts == 1:
             return torch.ones(1, device=self.weight.device)
-        if router.name != "task":
+        if not router.mergeable_per_task:
+            mergeable = sorted(name for name, cls in ROUTERS.items() if cls.mergeable_per_task)
             raise ValueError(
                 f"{self.layer_name}: router {router.name!r} weighs the experts per token, so no single matrix "
-                "reproduces it; only router='task' (one gate per task) or a single expert can be merged"
+                f"reproduces it; only a router with one gate per task ({', '.join(mergeable)}) or a single expert "
+                "can be merged"
             )
         if task_id is None:
             raise ValueError("merging a task router needs task_id: the gate differs per task")

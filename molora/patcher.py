@@ -238,12 +238,11 @@ def _build_layer(
     )
     router = None
     if owner is None or owner == name:
-        pooling_by_role = {"decoder": "causal", "cross": "mean"}
-        intuition_role = config.router == "intuition" and role in pooling_by_role
-        overrides = {"pooling": pooling_by_role[role]} if intuition_role else {}
+        router_class = ROUTERS[config.router]
+        overrides = router_class.role_options(config, role)
         if config.top_k is not None and config.top_k > num_experts:  # this module uses all its experts
             overrides["top_k"] = num_experts
-        router = ROUTERS[config.router].from_config(d_in, num_experts, config, **overrides).to(weight.device)
+        router = router_class.from_config(d_in, num_experts, config, **overrides).to(weight.device)
     scaling = _scaling(alpha, experts.adapter_rank, config.use_rslora)
     _check_scaling(name, alpha, scaling, _adapter_dtype(weight))
     deciding = router if router is not None else built[owner].router

@@ -15,6 +15,7 @@ import yaml
 
 from molora.config import MoLoRAConfig
 from molora.data import DataConfig
+from molora.routers import ROUTERS
 
 ADAPTERS = ("molora", "peft-lora", "none")
 
@@ -101,7 +102,9 @@ class RunConfig:
             raise ValueError(f"a run config is a mapping with sections {list(SECTIONS)}, got {type(data).__name__}")
         check_keys(data)
         molora = dict(data.get("molora") or {})
-        if molora.get("router") == "task" and molora.get("num_tasks") is None:  # one task per domain
+        name = molora.get("router", MoLoRAConfig.router)
+        router = ROUTERS.get(name) if isinstance(name, str) else None  # MoLoRAConfig names a bad value below
+        if router is not None and router.needs_task_ids and molora.get("num_tasks") is None:  # one task per domain
             domains = (data.get("data") or {}).get("domains") or DataConfig().domains
             molora["num_tasks"] = len([domains] if isinstance(domains, str) else domains)
             data = {**data, "molora": molora}
