@@ -1,6 +1,6 @@
 """Expert banks stored as stacked tensors; the mixture is two matmuls with the gate applied in between.
 
-forward(x [N, d_in], weights [N, E]) -> scaling-free delta [N, d_out] = sum_e w_e * B_e A_e x.
+forward(x [N, d_in], gates [N, E]) -> scaling-free delta [N, d_out] = sum_e w_e * B_e A_e x.
 
 The layer calls the two halves itself: project() (one matmul with every expert's input side stacked, plus any
 extra rows, such as a router's gate, that read the same input) and mix() (gate the E*r intermediate, then one
@@ -135,12 +135,12 @@ class Experts(nn.Module):
     def mix(
         self,
         hidden: torch.Tensor,
-        weights: torch.Tensor,
+        gates: torch.Tensor,
         out: torch.Tensor | None = None,
         inplace: bool = False,
         scaling: float = 1.0,
     ) -> torch.Tensor:
-        """scaling * sum_e w_e B_e h_e for hidden [N, E*r] and weights [B, L, E] (N = B*L) or [B, 1, E] (one per
+        """scaling * sum_e w_e B_e h_e for hidden [N, E*r] and gates [B, L, E] (N = B*L) or [B, 1, E] (one per
         sequence).
 
         With `out` [N, d_out] the result is out + mixture from one addmm; with inplace=True it is accumulated into
@@ -150,10 +150,10 @@ class Experts(nn.Module):
         spread = self.gate_spread(scaling, hidden.dtype, hidden.device)
         if torch.is_autocast_enabled(hidden.device.type):
             # Autocast casts in a custom forward but not in its backward: plain ops here, which it handles throughout.
-            hidden3, row_gates = gate_rows(hidden, weights, spread)
+            hidden3, row_gates = gate_rows(hidden, gates, spread)
             gated = (hidden3 * row_gates).view(hidden.shape)
             return gated @ self.stacked_out() if out is None else torch.addmm(out, gated, self.stacked_out())
-        return GatedMix.apply(hidden, weights, spread, self.output_side, out, inplace)
+        return GatedMix.apply(hidden, gates, spread, self.output_side, out, inplace)
 
     def gate_spread(self, scaling: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """[E, E*r]: scaling on each expert's r rows, zero elsewhere; gates [.., E] @ spread = the gate of each row
@@ -165,8 +165,8 @@ class Experts(nn.Module):
             spread = self._gate_spreads[key] = eye.repeat_interleave(self.rows_per_expert, dim=1)
         return spread
 
-    def mix_grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """The sparse mixture computing only the selected experts, each on its own tokens: x [N, d_in], weights
+    def mix_grouped(self, x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The sparse mixture computing only the selected experts, each on its own tokens: x [N, d_in], gates
         [N, E] (zero outside the selection), indices [N, k]. E small matmuls and a host sync for the counts instead
         of two matmuls of width E*r; it wins once E/k is large (see bench/bench_dispatch.py)."""
         num_tokens, top_k = indices.shape
@@ -174,17 +174,17 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         token = order // top_k
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        gates = weights.gather(1, indices).reshape(-1)[order].unsqueeze(-1).to(x.dtype)
+        chosen = gates.gather(1, indices).reshape(-1)[order].unsqueeze(-1).to(x.dtype)
         rows = self.rows_per_expert
         stacked_in = self.stacked_in().view(self.num_experts, rows, -1)
         stacked_out = self.stacked_out().view(self.num_experts, rows, -1)
         pieces = [
             (chunk @ stacked_in[e].T) @ stacked_out[e] for e, chunk in enumerate(x[token].split(counts)) if counts[e]
         ]
-        return x.new_zeros(num_tokens, self.out_features).index_add_(0, token, torch.cat(pieces) * gates)
+        return x.new_zeros(num_tokens, self.out_features).index_add_(0, token, torch.cat(pieces) * chosen)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.mix(self.project(x)[0], weights.unsqueeze(0))
+    def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.project(x)[0], gates.unsqueeze(0))
 
 
 class GatedMix(torch.autograd.Function):

@@ -60,7 +60,7 @@ class RoutingRecorder:
         return hook
 
     def _record(self, name: str, route, inputs) -> None:
-        batch, length, num_experts = route.weights.shape
+        batch, length, num_experts = route.gates.shape
         mask = inputs.token_mask if inputs is not None and inputs.token_mask is not None else None
         mask = torch.ones(batch, length, dtype=torch.bool) if mask is None else mask.bool().cpu()
         tasks = self.fixed_task_ids
@@ -69,7 +69,7 @@ class RoutingRecorder:
         tasks = torch.zeros(batch, dtype=torch.long) if tasks is None else tasks.cpu().long()
         if tasks.shape[0] != batch:
             tasks = tasks.repeat_interleave(batch // tasks.shape[0])
-        weights = route.weights.detach().float().cpu()
+        weights = route.gates.detach().float().cpu()
         indices = route.probs.argmax(-1, keepdim=True) if route.indices is None else route.indices
         selected = torch.nn.functional.one_hot(indices.cpu(), num_experts).sum(-2).float()  # [B, L, E]
         probs = route.probs.detach().float().cpu()

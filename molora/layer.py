@@ -23,11 +23,11 @@ def align_batch(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     raise ValueError(f"{what} has batch size {tensor.shape[0]}, but the model input has batch size {batch}")
 
 
-def per_sequence(weights: torch.Tensor) -> torch.Tensor:
-    """[B, 1, E] when the [B, L, E] weights are one gate per sequence broadcast along L, else the weights."""
-    if weights.shape[1] > 1 and weights.stride(1) == 0:
-        return weights[:, :1]
-    return weights
+def per_sequence(gates: torch.Tensor) -> torch.Tensor:
+    """[B, 1, E] when the [B, L, E] gates are one gate per sequence broadcast along L, else the gates."""
+    if gates.shape[1] > 1 and gates.stride(1) == 0:
+        return gates[:, :1]
+    return gates
 
 
 class MoLoRALinear(nn.Module):
@@ -117,7 +117,7 @@ class MoLoRALinear(nn.Module):
         owner = self._owner[0]
         ctx = current_context()
         route = ctx.block_routes.get(self.block) if ctx is not None else owner._block_route
-        if route is None or tuple(route.weights.shape[:2]) != tokens:
+        if route is None or tuple(route.gates.shape[:2]) != tokens:
             raise RuntimeError(
                 f"{self.layer_name} shares the routing of block {self.block!r}, decided by {owner.layer_name}, which "
                 "has not run on these tokens in this forward; routing_scope='block' needs the block's first adapted "
@@ -171,12 +171,12 @@ class MoLoRALinear(nn.Module):
         """The scaling the mixture applies to every row of the bank (routed gates times gate_multiplier)."""
         return self.scaling * self.gate_multiplier
 
-    def bank_gates(self, weights: torch.Tensor) -> torch.Tensor:
-        """Router weights [..., E] -> the gates of the whole bank [..., E + num_shared] (shared experts always on)."""
+    def bank_gates(self, gates: torch.Tensor) -> torch.Tensor:
+        """Router gates [..., E] -> the gates of the whole bank [..., E + num_shared] (shared experts always on)."""
         if not self.num_shared:
-            return weights
-        shared = weights.new_full((*weights.shape[:-1], self.num_shared), 1.0 / self.gate_multiplier)
-        return torch.cat([weights, shared], dim=-1)
+            return gates
+        shared = gates.new_full((*gates.shape[:-1], self.num_shared), 1.0 / self.gate_multiplier)
+        return torch.cat([gates, shared], dim=-1)
 
     def grouped_dispatch(self, x: torch.Tensor) -> bool:
         top_k = self.routing_router.top_k
@@ -216,9 +216,9 @@ class MoLoRALinear(nn.Module):
             route = self.block_route(tuple(x3.shape[:2])) if follower else self.route(x3, inputs)
             self.last_route = (route, inputs.token_mask) if self.aux_loss_names and not follower else None
             # [N, E] per token (a per-sequence gate is expanded here): grouped dispatch sorts tokens, not sequences
-            flat_weights = route.weights.reshape(-1, route.weights.shape[-1]) * self.mix_scaling
+            flat_gates = route.gates.reshape(-1, route.gates.shape[-1]) * self.mix_scaling
             indices = route.indices.reshape(-1, route.indices.shape[-1])
-            delta = self.experts.mix_grouped(expert_x, flat_weights, indices)
+            delta = self.experts.mix_grouped(expert_x, flat_gates, indices)
             return result.view(out_shape) + delta.to(result.dtype).view(out_shape)
         projection = None if follower else self.router.input_projection()
         if projection is not None and self.shares_router_matmul(flat_x, expert_x):
@@ -228,10 +228,10 @@ class MoLoRALinear(nn.Module):
             hidden, _ = self.experts.project(expert_x)
             route = self.block_route(tuple(x3.shape[:2])) if follower else self.route(x3, inputs)
         self.last_route = (route, inputs.token_mask) if self.aux_loss_names and not follower else None
-        weights = self.bank_gates(per_sequence(route.weights))
+        gates = self.bank_gates(per_sequence(route.gates))
         flat_result = result if result.dim() == 2 else result.reshape(-1, result.shape[-1])
         if flat_result.dtype != hidden.dtype:
-            delta = self.experts.mix(hidden, weights, scaling=self.mix_scaling)
+            delta = self.experts.mix(hidden, gates, scaling=self.mix_scaling)
             return result.view(out_shape) + delta.to(result.dtype).view(out_shape)
         inplace = (
             plain_linear
@@ -239,7 +239,7 @@ class MoLoRALinear(nn.Module):
             and not self.base_layer._forward_hooks
             and not torch.is_autocast_enabled(x.device.type)  # in-place ops are not autocast
         )
-        return self.experts.mix(hidden, weights, flat_result, inplace, self.mix_scaling).view(out_shape)
+        return self.experts.mix(hidden, gates, flat_result, inplace, self.mix_scaling).view(out_shape)
 
     def route(self, x3: torch.Tensor, inputs: RouterInputs, projected: torch.Tensor | None = None) -> RouterOutput:
         route = self.router(x3, inputs, projected=projected)
@@ -248,15 +248,15 @@ class MoLoRALinear(nn.Module):
         return route
 
     # Merging ------------------------------------------------------------------------------------------------------
-    def merged_delta(self, expert_weights: torch.Tensor) -> torch.Tensor:
-        """scaling * sum_e w_e B_e A_e as one [d_out, d_in] matrix, for fixed router weights [E] (shared experts
+    def merged_delta(self, fixed_gates: torch.Tensor) -> torch.Tensor:
+        """scaling * sum_e w_e B_e A_e as one [d_out, d_in] matrix, for fixed gates [E] (shared experts
         added)."""
-        gates = self.bank_gates(expert_weights.to(self.experts_dtype))
+        gates = self.bank_gates(fixed_gates.to(self.experts_dtype))
         rows = gates.repeat_interleave(self.experts.rows_per_expert)
         return self.mix_scaling * (self.experts.stacked_out() * rows.unsqueeze(-1)).T @ self.experts.stacked_in()
 
-    def fixed_expert_weights(self, task_id: int | None) -> torch.Tensor:
-        """The expert weights [E] when they do not depend on the tokens: the task router's gate for one task."""
+    def fixed_gates(self, task_id: int | None) -> torch.Tensor:
+        """The gates [E] when they do not depend on the tokens: the task router's gate for one task."""
         router = self.routing_router
         num_experts = router.num_experts
         if num_experts == 1:
@@ -274,12 +274,12 @@ class MoLoRALinear(nn.Module):
             raise ValueError(f"task_id must be in [0, num_tasks={router.num_tasks}), got {task_id}")
         probe = torch.zeros(1, 1, self.in_features, device=self.weight.device)
         task_ids = torch.tensor([task_id], device=self.weight.device)
-        return router(probe, RouterInputs(task_ids=task_ids)).weights[0, 0]
+        return router(probe, RouterInputs(task_ids=task_ids)).gates[0, 0]
 
     @torch.no_grad()
     def merge_into_base(self, task_id: int | None = None) -> nn.Module:
         """Add the (fixed) mixture to the base weight in place and return the base layer."""
-        delta = self.merged_delta(self.fixed_expert_weights(task_id))
+        delta = self.merged_delta(self.fixed_gates(task_id))
         weight = self.base_layer.weight
         if not isinstance(self.base_layer, nn.Linear):  # transformers' Conv1D stores [d_in, d_out]
             delta = delta.T

@@ -245,7 +245,7 @@ class MoLoRAModel(nn.Module):
         """
         layers = [layer for _, layer in self._layers]
         for layer in layers:
-            layer.fixed_expert_weights(task_id)
+            layer.fixed_gates(task_id)
         was_training = self.training
         self.eval()
         for layer in layers:

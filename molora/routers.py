@@ -20,7 +20,7 @@ from torch import nn
 class RouterOutput:
     logits: torch.Tensor  # [B, L, E] fp32, temperature applied (z-loss reads these)
     probs: torch.Tensor  # [B, L, E] full softmax (balance losses read these)
-    weights: torch.Tensor  # [B, L, E] mixture weights, zero outside the selection
+    gates: torch.Tensor  # [B, L, E] the mixture's gates, zero outside the selection
     indices: torch.Tensor | None  # [B, L, k] selected experts; None for dense routing
     task_ids: torch.Tensor | None = None  # [B] the task of each sequence, when given (task-aware aux losses read it)
     # Quantities derived from this output that several aux losses share (see molora.losses).
@@ -65,14 +65,14 @@ def broadcast(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 def select_experts(
     probs: torch.Tensor, top_k: int | None, renormalize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dense weights when top_k is None; otherwise the top-k probabilities, zero elsewhere."""
+    """Dense gates (the probabilities) when top_k is None; otherwise the top-k probabilities, zero elsewhere."""
     if top_k is None:
         return probs, None
     top_probs, indices = probs.topk(top_k, dim=-1)
     if renormalize:
         top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
-    weights = torch.zeros_like(probs).scatter(-1, indices, top_probs)
-    return weights, indices
+    gates = torch.zeros_like(probs).scatter(-1, indices, top_probs)
+    return gates, indices
 
 
 class Router(nn.Module):
@@ -191,13 +191,13 @@ class Router(nn.Module):
             if self.temperature != 1.0:
                 logits = logits / self.temperature
             probs = softmax(logits)
-            weights, indices = select_experts(probs, self.top_k, self.renormalize)
+            gates, indices = select_experts(probs, self.top_k, self.renormalize)
             shape = (*x.shape[:-1], self.num_experts)  # per-sequence gates stay broadcast views (no copies)
         probs = broadcast(probs, shape)
         return RouterOutput(
             logits=broadcast(logits, shape),
             probs=probs,
-            weights=probs if indices is None else broadcast(weights, shape),
+            gates=probs if indices is None else broadcast(gates, shape),
             indices=None if indices is None else broadcast(indices, (*shape[:-1], indices.shape[-1])),
             task_ids=inputs.task_ids,
         )
@@ -239,7 +239,7 @@ class SoftmaxRouter(LinearRouter):
 
 @register_router("topk")
 class TopKRouter(LinearRouter):
-    """The k most probable experts per token, weights renormalised to sum to 1."""
+    """The k most probable experts per token, gates renormalised to sum to 1."""
 
     default_top_k = 2
 

@@ -360,9 +360,9 @@ def test_sparse_routers_select_k_experts_for_every_token_inside_the_model(router
         _run(model, router)
     assert len(seen) == len(_layers(model))
     for out in seen:
-        assert ((out.weights > 0).sum(-1) == k).all()
+        assert ((out.gates > 0).sum(-1) == k).all()
         expected_sum = 1.0 if router == "topk" else out.probs.max(-1).values
-        assert torch.allclose(out.weights.sum(-1), torch.as_tensor(expected_sum).expand_as(out.weights[..., 0]))
+        assert torch.allclose(out.gates.sum(-1), torch.as_tensor(expected_sum).expand_as(out.gates[..., 0]))
 
 
 def test_dropout_touches_only_the_expert_path_and_only_in_training():

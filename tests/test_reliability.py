@@ -229,9 +229,7 @@ def _poison_router(monkeypatch, at_forwards: set[int]) -> None:
             calls["n"] += 1
             if calls["n"] in at_forwards:
                 nan = float("nan")
-                return dataclasses.replace(
-                    out, logits=out.logits * nan, probs=out.probs * nan, weights=out.weights * nan
-                )
+                return dataclasses.replace(out, logits=out.logits * nan, probs=out.probs * nan, gates=out.gates * nan)
             return out
 
         router.register_forward_hook(hook)
