@@ -13,7 +13,6 @@ from typing import Any
 
 from molora.version import __version__
 
-EXPERT_TYPES = ("lora", "rank1")
 MIXTURE_SCALINGS = ("mean", "sum")
 ROUTING_SCOPES = ("module", "block")
 DISPATCHES = ("auto", "dense", "grouped")
@@ -21,6 +20,7 @@ DISPATCHES = ("auto", "dense", "grouped")
 # z-loss) 1e10, far from fp32's 3e38; 5e-324 is 0 in fp32 and gave NaN outputs. Lower is an argmax in all but name.
 MIN_ROUTER_TEMPERATURE = 1e-3
 CONFIG_NAME = "molora_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
 _WARNED_UNKNOWN_KEYS: set[str] = set()
 
 
@@ -133,6 +133,7 @@ class MoLoRAConfig:
         Injection calls it again: the fields are plain attributes, so a config can be changed after construction.
         """
         # Imported here so that the registries (which users may extend) stay below the config in the dependency order.
+        from molora.experts import EXPERTS
         from molora.losses import AUX_LOSSES
         from molora.routers import INTUITION_POOLINGS, ROUTERS
 
@@ -163,7 +164,7 @@ class MoLoRAConfig:
             _check_patterns("num_experts", self.num_experts, minimum=1, kind=int)
         else:
             _check_number("num_experts", self.num_experts, minimum=1, kind=int)
-        _check_choice("expert_type", self.expert_type, EXPERT_TYPES)
+        _check_choice("expert_type", self.expert_type, EXPERTS)
         _check_number("rank", self.rank, minimum=1, kind=int)
         _check_number("alpha", self.alpha, minimum=0, kind=float, strict=True)
         _check_number("dropout", self.dropout, minimum=0, kind=float)
@@ -216,8 +217,9 @@ class MoLoRAConfig:
             raise ValueError("shared_experts needs dispatch 'dense' or 'auto': grouped dispatch sorts routed tokens")
         if not isinstance(self.share_lora_a, bool):
             raise ValueError(f"share_lora_a must be True or False, got {self.share_lora_a!r}")
-        if self.share_lora_a and self.expert_type != "lora":
-            raise ValueError(f"share_lora_a (HydraLoRA) needs expert_type='lora', got {self.expert_type!r}")
+        if self.share_lora_a and not EXPERTS[self.expert_type].can_share_input_side:
+            sharing = sorted(name for name, cls in EXPERTS.items() if cls.can_share_input_side)
+            raise ValueError(f"share_lora_a (HydraLoRA) needs expert_type in {sharing}, got {self.expert_type!r}")
         if self.router_init_std is not None:
             _check_number("router_init_std", self.router_init_std, minimum=0, kind=float)
         _check_number("balance_window", self.balance_window, minimum=1, kind=int)

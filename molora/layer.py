@@ -184,8 +184,8 @@ class MoLoRALinear(nn.Module):
             return False
         if self.dispatch == "grouped":
             return True
-        # Measured crossover (bench/bench_dispatch.py, 4096 tokens, 256 -> 688, r=8, k=2): on 2 CPU cores grouped is
-        # 0.90x dense at E=32 and 0.59x at E=64; on an H100 it stayed slower up to E=128 (launch-bound).
+        # The crossover measured by bench/bench_dispatch.py (README, "Top-k dispatch"): grouped wins on CPU from
+        # E/k = 16; on a GPU it stayed slower up to E=128 (launch-bound).
         return x.device.type == "cpu" and self.routing_router.num_experts >= 16 * top_k
 
     def shares_router_matmul(self, x: torch.Tensor, expert_x: torch.Tensor) -> bool:

@@ -166,8 +166,8 @@ def z_loss(route: RouterOutput, token_mask: torch.Tensor | None = None) -> torch
 
 def _logsumexp(logits: torch.Tensor) -> torch.Tensor:
     """torch.logsumexp over the last dim, with the shift by the max held constant: the value and the gradient
-    (softmax) are the same, and on CPU fwd+bwd of [28, 4096, 8] takes 2.8 ms instead of 3.6 (its backward
-    recomputes the shifted exponentials; this one keeps them)."""
+    (softmax) are the same, and it is faster on CPU (torch's backward recomputes the shifted exponentials; this one
+    keeps them; timed in bench/micro.py)."""
     finfo = torch.finfo(logits.dtype)
     top = logits.detach().amax(dim=-1, keepdim=True).clamp(finfo.min, finfo.max)  # an all -inf row stays -inf
     return (logits - top).exp().sum(dim=-1).log() + top.squeeze(-1)

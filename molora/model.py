@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from molora.adapter_load import AdapterLoadResult
-from molora.config import CONFIG_NAME, MoLoRAConfig
+from molora.config import CONFIG_NAME, WEIGHTS_NAME, MoLoRAConfig
 from molora.context import (
     MaskCapture,
     RoutingContext,
@@ -29,8 +29,6 @@ from molora.losses import BalanceWindow, aux_term_means, layer_aux_terms
 from molora.patcher import InjectionReport, inject, molora_layers, unload
 from molora.routers import ROUTERS
 from molora.utils import atomic_write
-
-WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 class MoLoRAModel(nn.Module):

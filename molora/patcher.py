@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from molora.config import MoLoRAConfig, pattern_lookup
-from molora.experts import build_experts
+from molora.experts import EXPERTS, build_experts
 from molora.layer import MoLoRALinear
 from molora.routers import ROUTERS
 
@@ -262,7 +262,7 @@ def _build_layer(
         block=None if owner is None else name.rpartition(".")[0],
         block_owner=None if owner is None or owner == name else built[owner],
     )
-    shown_rank = rank if config.expert_type == "lora" else None
+    shown_rank = rank if EXPERTS[config.expert_type].has_rank else None
     record = InjectedModule(name, type(module).__name__, d_in, d_out, num_experts, shown_rank, alpha, scaling, role)
     return layer, record
 

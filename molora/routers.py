@@ -50,8 +50,8 @@ def register_router(name: str):
 
 
 def softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the expert dim. On CPU, the kernel reducing a non-last dim is ~4x faster for a handful of
-    experts (bench: [8, 512, 8] fwd+bwd 0.08 ms vs 0.37 ms), so it runs on the transposed view there."""
+    """Softmax over the expert dim. On CPU, the kernel reducing a non-last dim is faster for a handful of experts
+    (timed in bench/micro.py), so it runs on the transposed view there."""
     if logits.device.type == "cpu" and logits.dim() >= 2:
         return logits.transpose(-1, -2).softmax(dim=-2).transpose(-1, -2)
     return logits.softmax(dim=-1)
@@ -293,8 +293,7 @@ class IntuitionRouter(Router):
             raise ValueError(f"intuition hidden width must be >= 2 (LayerNorm over one unit is constant), got {hidden}")
         self.pooling = pooling
         # The MLP only has to separate E gates: a width of 2E (at least 16; LayerNorm over a tiny width flattens the
-        # gate) matched d_in/8 in the router ablation (SmolLM2, E=4: 1.862 vs 1.854 mean eval loss) at a fraction
-        # of the cost, since the MLP runs on every token.
+        # gate) costs a fraction of d_in/8, since the MLP runs on every token; the ablation sets it per row.
         hidden = hidden or max(16, 2 * num_experts)
         self.mlp = nn.Sequential(
             nn.Linear(in_features, hidden, dtype=torch.float32),
