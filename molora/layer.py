@@ -211,35 +211,56 @@ class MoLoRALinear(nn.Module):
         inputs = self.routing_context(x3)
         expert_x = self.dropout(flat_x).to(self.experts_dtype)
         out_shape = (*x.shape[:-1], result.shape[-1])
-        follower = self.router is None
         if self.grouped_dispatch(flat_x):
-            route = self.block_route(tuple(x3.shape[:2])) if follower else self.route(x3, inputs)
-            self.last_route = (route, inputs.token_mask) if self.aux_loss_names and not follower else None
-            # [N, E] per token (a per-sequence gate is expanded here): grouped dispatch sorts tokens, not sequences
-            flat_gates = route.gates.reshape(-1, route.gates.shape[-1]) * self.mix_scaling
-            indices = route.indices.reshape(-1, route.indices.shape[-1])
-            delta = self.experts.mix_grouped(expert_x, flat_gates, indices)
+            delta = self.grouped_delta(x3, expert_x, inputs)
             return result.view(out_shape) + delta.to(result.dtype).view(out_shape)
-        projection = None if follower else self.router.input_projection()
+        hidden, route = self.project_and_route(x3, flat_x, expert_x, inputs)
+        gates = self.bank_gates(per_sequence(route.gates))
+        return self.add_mixture(result, hidden, gates, plain_linear).view(out_shape)
+
+    def decide_route(self, x3: torch.Tensor, inputs: RouterInputs, projected: torch.Tensor | None = None):
+        """This forward's routing: the layer's own router's, or (block follower) its owner's; kept for aux losses."""
+        follower = self.router is None
+        route = self.block_route(tuple(x3.shape[:2])) if follower else self.route(x3, inputs, projected)
+        self.last_route = (route, inputs.token_mask) if self.aux_loss_names and not follower else None
+        return route
+
+    def grouped_delta(self, x3: torch.Tensor, expert_x: torch.Tensor, inputs: RouterInputs) -> torch.Tensor:
+        """Top-k, each token sent to its k experts only (tokens sorted by expert): the delta [N, d_out]."""
+        route = self.decide_route(x3, inputs)
+        # [N, E] per token (a per-sequence gate is expanded here): grouped dispatch sorts tokens, not sequences
+        flat_gates = route.gates.reshape(-1, route.gates.shape[-1]) * self.mix_scaling
+        indices = route.indices.reshape(-1, route.indices.shape[-1])
+        return self.experts.mix_grouped(expert_x, flat_gates, indices)
+
+    def project_and_route(
+        self, x3: torch.Tensor, flat_x: torch.Tensor, expert_x: torch.Tensor, inputs: RouterInputs
+    ) -> tuple[torch.Tensor, RouterOutput]:
+        """The experts' input side [N, E*r] and the routing; the router's input projection rides in the experts'
+        matmul when both read the same numbers."""
+        projection = None if self.router is None else self.router.input_projection()
         if projection is not None and self.shares_router_matmul(flat_x, expert_x):
             hidden, projected = self.experts.project(expert_x, projection)
-            route = self.route(x3, inputs, projected.view(*x3.shape[:-1], -1))
-        else:
-            hidden, _ = self.experts.project(expert_x)
-            route = self.block_route(tuple(x3.shape[:2])) if follower else self.route(x3, inputs)
-        self.last_route = (route, inputs.token_mask) if self.aux_loss_names and not follower else None
-        gates = self.bank_gates(per_sequence(route.gates))
+            return hidden, self.decide_route(x3, inputs, projected.view(*x3.shape[:-1], -1))
+        hidden, _ = self.experts.project(expert_x)
+        return hidden, self.decide_route(x3, inputs)
+
+    def add_mixture(
+        self, result: torch.Tensor, hidden: torch.Tensor, gates: torch.Tensor, plain_linear: bool
+    ) -> torch.Tensor:
+        """The base output plus the gated mixture, [N, d_out]: one addmm, into the base output itself where nothing
+        else reads it."""
         flat_result = result if result.dim() == 2 else result.reshape(-1, result.shape[-1])
         if flat_result.dtype != hidden.dtype:
             delta = self.experts.mix(hidden, gates, scaling=self.mix_scaling)
-            return result.view(out_shape) + delta.to(result.dtype).view(out_shape)
+            return flat_result + delta.to(flat_result.dtype)
         inplace = (
             plain_linear
             and flat_result._base is None
             and not self.base_layer._forward_hooks
-            and not torch.is_autocast_enabled(x.device.type)  # in-place ops are not autocast
+            and not torch.is_autocast_enabled(hidden.device.type)  # in-place ops are not autocast
         )
-        return self.experts.mix(hidden, gates, flat_result, inplace, self.mix_scaling).view(out_shape)
+        return self.experts.mix(hidden, gates, flat_result, inplace, self.mix_scaling)
 
     def route(self, x3: torch.Tensor, inputs: RouterInputs, projected: torch.Tensor | None = None) -> RouterOutput:
         route = self.router(x3, inputs, projected=projected)
