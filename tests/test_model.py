@@ -17,6 +17,7 @@ from tests.conftest import (
     ROUTERS,
     TARGETS,
     build_base,
+    cache_kwarg,
     make_batch,
     molora_config,
     outputs_of,
@@ -222,13 +223,13 @@ def test_cached_decoding_outside_a_session_is_refused_for_the_intuition_router()
         step = dict(
             input_ids=ids[:, -1:],
             attention_mask=torch.cat([mask, mask[:, -1:]], 1),
-            past_key_values=out.past_key_values,
+            **cache_kwarg(model, out.past_key_values),
         )
         with pytest.raises(RuntimeError, match="decoding_session"):
             model(**step)
         with model.decoding_session():
             first = model(input_ids=ids, attention_mask=mask, use_cache=True)
-            model(**step | {"past_key_values": first.past_key_values})
+            model(**step | cache_kwarg(model, first.past_key_values))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
