@@ -14,7 +14,9 @@ from typing import Any
 from molora.version import __version__
 
 MIXTURE_SCALINGS = ("mean", "sum")
-ROUTING_SCOPES = ("module", "block")
+ROUTING_SCOPES = ("module", "input", "block")
+# routing_scope="input": siblings that read the same input tensor, by child name (fullmatch) within one parent.
+DEFAULT_INPUT_GROUPS = ["q_proj|k_proj|v_proj", "gate_proj|up_proj", "query|key|value", "wq|wk|wv", "w1|w3"]
 DISPATCHES = ("auto", "dense", "grouped")
 # Routers divide fp32 logits by the temperature: at 1e-3 logits of ~100 become 1e5 and their squared logsumexp (the
 # z-loss) 1e10, far from fp32's 3e38; 5e-324 is 0 in fp32 and gave NaN outputs. Lower is an argmax in all but name.
@@ -116,9 +118,13 @@ class MoLoRAConfig:
     # Global-batch load balancing: the balance loss reads the routed fraction over the last N forwards (this one
     # plus N-1 earlier, detached), not one micro-batch, so single sequences may specialise.
     balance_window: int = 1
-    # "module": every adapted linear routes on its own input; "block": the adapted linears of one parent module (an
-    # FFN's gate/up/down, MixLoRA's layout) share one routing decision, made by the first of them on the block input.
+    # "module": every adapted linear routes on its own input. "input": the adapted siblings that read one input
+    # tensor (an `input_groups` entry within one parent: q/k/v, gate/up) share one router and one input-side matmul
+    # (their experts' input sides and the router's rows stacked), made by the first of them. "block": the adapted
+    # linears of one parent module (an FFN's gate/up/down, MixLoRA's layout) share one routing decision, made by the
+    # first of them on the block input.
     routing_scope: str = "module"
+    input_groups: list[str] = field(default_factory=lambda: list(DEFAULT_INPUT_GROUPS))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -224,10 +230,16 @@ class MoLoRAConfig:
             _check_number("router_init_std", self.router_init_std, minimum=0, kind=float)
         _check_number("balance_window", self.balance_window, minimum=1, kind=int)
         _check_choice("routing_scope", self.routing_scope, ROUTING_SCOPES)
-        if self.routing_scope == "block" and not ROUTERS[self.router].shareable:
+        if self.routing_scope != "module" and not ROUTERS[self.router].shareable:
             raise ValueError(
-                f"routing_scope='block' shares one router across modules; router={self.router!r} cannot be"
+                f"routing_scope={self.routing_scope!r} shares one router across modules; router={self.router!r} "
+                "cannot be shared"
             )
+        if not isinstance(self.input_groups, (list, tuple)) or not all(isinstance(g, str) for g in self.input_groups):
+            raise ValueError(f"input_groups must be a list of regex strings, got {self.input_groups!r}")
+        self.input_groups = list(self.input_groups)
+        for pattern in self.input_groups:
+            self._check_regex("input_groups", pattern)
 
     @staticmethod
     def _check_regex(name: str, pattern: str) -> None:

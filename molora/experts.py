@@ -58,20 +58,25 @@ class Experts(nn.Module):
         """Every expert's output side as one [E*r, d_out] matrix."""
         return stack_rows(self.output_side)
 
-    def project(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [N, d_in] -> (the E*r intermediate [N, E*r], x @ extra.T or None) from a single matmul."""
+    def project(
+        self, x: torch.Tensor, extras: tuple[torch.Tensor, ...] = ()
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """x [N, d_in] -> (the E*r intermediate [N, E*r], (x @ extra.T for each extra)) from a single matmul.
+
+        The extras are other [k, d_in] weights that read the same x: a router's input projection, the input sides of
+        sibling modules (routing_scope='input')."""
         weight = self.stacked_in()
-        if extra is None:
-            return F.linear(x, weight), None
-        parts = (weight, extra.to(weight.dtype))
+        if not extras:
+            return F.linear(x, weight), ()
+        parts = (weight, *(extra.to(weight.dtype) for extra in extras))
         joined = torch.cat(parts)
         if not torch.is_grad_enabled() or other_saved_tensor_hooks():
             both = F.linear(x, joined)
         else:
             with RebuildSaved(joined, parts):
                 both = F.linear(x, joined)
-        hidden, projected = both.split([weight.shape[0], extra.shape[0]], dim=1)  # backward: one cat, not two pads
-        return hidden, projected
+        hidden, *rest = both.split([part.shape[0] for part in parts], dim=1)  # backward: one cat, not several pads
+        return hidden, tuple(rest)
 
     def mix(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -21,6 +23,16 @@ def align_batch(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     if tensor.shape[0] > 0 and batch % tensor.shape[0] == 0:
         return tensor.repeat_interleave(batch // tensor.shape[0], dim=0)
     raise ValueError(f"{what} has batch size {tensor.shape[0]}, but the model input has batch size {batch}")
+
+
+@dataclass
+class SharedInput:
+    """What the first module of a routing_scope='input' group to run on a tensor leaves for the others: the tensor,
+    every member's input side from one joint matmul, and the group's routing of it."""
+
+    x: torch.Tensor
+    hiddens: dict[str, torch.Tensor]  # {layer name: its experts' input side}; empty under grouped dispatch
+    route: RouterOutput
 
 
 def per_sequence(gates: torch.Tensor) -> torch.Tensor:
@@ -47,19 +59,25 @@ class MoLoRALinear(nn.Module):
         gate_multiplier: float = 1.0,
         block: str | None = None,
         block_owner: MoLoRALinear | None = None,
+        shares_input: bool = False,
     ):
         super().__init__()
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.base_layer = base_layer
         self.experts = experts
-        # None for a block follower (routing_scope='block'): it reuses the routing its block's owner published
+        # None for a follower (routing_scope 'input' or 'block'): it reuses the routing its group's owner published
         self.router = router
         if (router is None) != (block_owner is not None):
-            raise ValueError("a layer needs a router, or (block routing) the block owner whose routing it reuses")
-        self.block = block
+            raise ValueError("a layer needs a router, or (shared routing) the group owner whose routing it reuses")
+        self.block = block  # the routing group's key (routing_scope 'input'/'block'), None when routing alone
         self._owner = (block_owner,) if block_owner is not None else ()  # a tuple: not a submodule of this layer
         self._block_route: RouterOutput | None = None  # the owner's route of its last forward, outside a context
+        # routing_scope='input': the group reads one tensor, so whichever member runs first on it computes every
+        # member's input side in one matmul and routes it with the group's router; the others take their part.
+        self.shares_input = shares_input
+        self.input_group: tuple[MoLoRALinear, ...] = ()  # every member, this one included (set by the patcher)
+        self._shared_input: SharedInput | None = None  # the group's last, outside a routing context (on the owner)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = scaling
         self.role = role
@@ -191,7 +209,7 @@ class MoLoRALinear(nn.Module):
     def shares_router_matmul(self, x: torch.Tensor, expert_x: torch.Tensor) -> bool:
         """Whether the router's input projection can ride in the experts' matmul: both must read the same fp32
         numbers (no dropout or jitter active, no autocast, which would run the router in half precision)."""
-        if self.training and (not isinstance(self.dropout, nn.Identity) or self.router.jitter > 0):
+        if self.training and (not isinstance(self.dropout, nn.Identity) or self.routing_router.jitter > 0):
             return False
         return (
             x.dtype == torch.float32
@@ -212,9 +230,9 @@ class MoLoRALinear(nn.Module):
         expert_x = self.dropout(flat_x).to(self.experts_dtype)
         out_shape = (*x.shape[:-1], result.shape[-1])
         if self.grouped_dispatch(flat_x):
-            delta = self.grouped_delta(x3, expert_x, inputs)
+            delta = self.grouped_delta(x, x3, expert_x, inputs)
             return result.view(out_shape) + delta.to(result.dtype).view(out_shape)
-        hidden, route = self.project_and_route(x3, flat_x, expert_x, inputs)
+        hidden, route = self.project_and_route(x, x3, flat_x, expert_x, inputs)
         gates = self.bank_gates(per_sequence(route.gates))
         return self.add_mixture(result, hidden, gates, plain_linear).view(out_shape)
 
@@ -225,25 +243,80 @@ class MoLoRALinear(nn.Module):
         self.last_route = (route, inputs.token_mask) if self.aux_loss_names and not follower else None
         return route
 
-    def grouped_delta(self, x3: torch.Tensor, expert_x: torch.Tensor, inputs: RouterInputs) -> torch.Tensor:
+    def grouped_delta(
+        self, x: torch.Tensor, x3: torch.Tensor, expert_x: torch.Tensor, inputs: RouterInputs
+    ) -> torch.Tensor:
         """Top-k, each token sent to its k experts only (tokens sorted by expert): the delta [N, d_out]."""
-        route = self.decide_route(x3, inputs)
+        if self.shares_input:
+            shared = self.find_shared_input(x)
+            route = (shared or self.share_input(x, x3, x3.reshape(-1, x3.shape[-1]), expert_x, inputs, False)).route
+        else:
+            route = self.decide_route(x3, inputs)
         # [N, E] per token (a per-sequence gate is expanded here): grouped dispatch sorts tokens, not sequences
         flat_gates = route.gates.reshape(-1, route.gates.shape[-1]) * self.mix_scaling
         indices = route.indices.reshape(-1, route.indices.shape[-1])
         return self.experts.mix_grouped(expert_x, flat_gates, indices)
 
     def project_and_route(
-        self, x3: torch.Tensor, flat_x: torch.Tensor, expert_x: torch.Tensor, inputs: RouterInputs
+        self, x: torch.Tensor, x3: torch.Tensor, flat_x: torch.Tensor, expert_x: torch.Tensor, inputs: RouterInputs
     ) -> tuple[torch.Tensor, RouterOutput]:
         """The experts' input side [N, E*r] and the routing; the router's input projection rides in the experts'
-        matmul when both read the same numbers."""
+        matmul when both read the same numbers (and, routing_scope='input', the whole group's input sides do)."""
+        if self.shares_input:
+            shared = self.find_shared_input(x) or self.share_input(x, x3, flat_x, expert_x, inputs, True)
+            return shared.hiddens[self.layer_name], shared.route
         projection = None if self.router is None else self.router.input_projection()
         if projection is not None and self.shares_router_matmul(flat_x, expert_x):
-            hidden, projected = self.experts.project(expert_x, projection)
+            hidden, (projected,) = self.experts.project(expert_x, (projection,))
             return hidden, self.decide_route(x3, inputs, projected.view(*x3.shape[:-1], -1))
         hidden, _ = self.experts.project(expert_x)
         return hidden, self.decide_route(x3, inputs)
+
+    @property
+    def group_owner(self) -> MoLoRALinear:
+        return self if self.router is not None else self._owner[0]
+
+    def find_shared_input(self, x: torch.Tensor) -> SharedInput | None:
+        """routing_scope='input': what a member that ran first left for this very tensor, or None."""
+        ctx = current_context()
+        shared = ctx.shared_inputs.get(self.block) if ctx is not None else self.group_owner._shared_input
+        return shared if shared is not None and shared.x is x else None
+
+    def share_input(
+        self,
+        x: torch.Tensor,
+        x3: torch.Tensor,
+        flat_x: torch.Tensor,
+        expert_x: torch.Tensor,
+        inputs: RouterInputs,
+        project: bool,
+    ) -> SharedInput:
+        """routing_scope='input', the first member to run on x: every member's input side in one matmul (with the
+        router's rows when they read the same numbers) and the routing by the group's router, left for the others.
+        A member given another tensor than its siblings gets here too: its input is routed on its own (as with
+        routing per module and the routers tied)."""
+        owner = self.group_owner
+        router = owner.router
+        projection = router.input_projection()
+        fused = project and projection is not None and self.shares_router_matmul(flat_x, expert_x)
+        others = [m for m in self.input_group if m is not self] if project else []
+        hiddens: dict[str, torch.Tensor] = {}
+        projected = None
+        if project:
+            extras = tuple(m.experts.stacked_in() for m in others) + ((projection,) if fused else ())
+            hidden, outputs = self.experts.project(expert_x, extras)
+            hiddens = {self.layer_name: hidden} | {m.layer_name: h for m, h in zip(others, outputs, strict=False)}
+            projected = outputs[-1].view(*x3.shape[:-1], -1) if fused else None
+        route_inputs = inputs if owner is self else owner.routing_context(x3)  # the owner's decoding-state slot
+        route = router(x3, route_inputs, projected=projected)
+        owner.last_route = (route, route_inputs.token_mask) if owner.aux_loss_names else None
+        shared = SharedInput(x, hiddens, route)
+        ctx = current_context()
+        if ctx is not None:
+            ctx.shared_inputs[self.block] = shared
+        else:
+            owner._shared_input = shared
+        return shared
 
     def add_mixture(
         self, result: torch.Tensor, hidden: torch.Tensor, gates: torch.Tensor, plain_linear: bool

@@ -85,7 +85,7 @@ class Router(nn.Module):
     default_top_k: ClassVar[int | None] = None  # top_k when the config gives none; None: dense
     needs_task_ids: ClassVar[bool] = False  # forward()/generate() need task_ids, the config needs num_tasks
     mergeable_per_task: ClassVar[bool] = False  # one gate per task: merge_and_unload(task_id=...) reproduces it
-    shareable: ClassVar[bool] = True  # one instance may route several modules (routing_scope="block")
+    shareable: ClassVar[bool] = True  # one instance may route several modules (routing_scope "input"/"block")
 
     @classmethod
     def check_config(cls, config: Any) -> None:
