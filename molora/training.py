@@ -136,6 +136,15 @@ class Progress:
     bad_steps: int = 0
 
 
+def read_as_current(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config as this version reads it: a field added since the checkpoint was written takes its
+    default (which keeps the behaviour of the version that wrote it), so an upgrade does not block --resume."""
+    try:
+        return RunConfig.from_dict(saved).to_dict()
+    except (ValueError, TypeError):  # a config this version cannot read: compared as saved, keys named
+        return saved
+
+
 def resume_from_checkpoint(run: Run) -> Progress:
     """Load the newest good checkpoint into the run; refuse one written by a different config."""
     removed = remove_staging(run.run_dir) if run.is_main else []
@@ -148,7 +157,7 @@ def resume_from_checkpoint(run: Run) -> Progress:
         run.say(f"resume: skipped {folder.name}: {why}")
     saved = point.state.get("config")
     if saved is not None:
-        differing = config_differences(saved, run.config.to_dict())
+        differing = config_differences(read_as_current(saved), run.config.to_dict())
         if differing:
             changes = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differing)
             raise ValueError(

@@ -25,13 +25,14 @@ from molora.checkpoint import (
     RunInUseError,
     RunLock,
     checkpoint_folders,
+    config_differences,
     latest_good_checkpoint,
     save_checkpoint,
     verify_checkpoint,
 )
 from molora.cli import train_main
 from molora.run_config import RunConfig
-from molora.training import train
+from molora.training import read_as_current, train
 from tests.tiny import save_tiny_model, tiny_run_config, write_toy_domains
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,6 +134,18 @@ def test_a_resume_with_a_different_config_is_refused_naming_the_keys(spec, tmp_p
         train(RunConfig.from_dict(changed), tmp_path / "run", resume=True)
     longer = {**spec, "train": {**spec["train"], "steps": STEPS + 2}}  # steps and stop_after may change
     assert train(RunConfig.from_dict(longer), tmp_path / "run", resume=True)["steps"] == STEPS + 2
+
+
+def test_a_checkpoint_written_before_a_config_field_existed_resumes(spec, tmp_path):
+    current = RunConfig.from_dict(spec).to_dict()
+    older = {name: dict(section) for name, section in current.items()}
+    del older["molora"]["input_groups"]  # as a checkpoint written before routing_scope='input' existed
+    assert config_differences(read_as_current(older), current) == []
+    # the guard matters: compared as saved, the missing field reads as a change and blocks the resume
+    assert [key for key, _, _ in config_differences(older, current)] == ["molora.input_groups"]
+    # a field the checkpoint does have keeps counting
+    older["molora"]["rank"] = current["molora"]["rank"] + 1
+    assert [key for key, _, _ in config_differences(read_as_current(older), current)] == ["molora.rank"]
 
 
 # Checkpoint integrity ------------------------------------------------------------------------------------------------
