@@ -178,3 +178,12 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     except yaml.YAMLError as err:
         raise ValueError(f"config file {path} is not valid YAML: {err}") from None
     return RunConfig.from_dict(apply_overrides(data, overrides or []))
+
+
+def read_as_current(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run config (a checkpoint's) as this version reads it: a field added since it was written takes its
+    default, which keeps the behaviour of the version that wrote it, so an upgrade does not block --resume."""
+    try:
+        return RunConfig.from_dict(saved).to_dict()
+    except (ValueError, TypeError):  # a config this version cannot read: compared as saved, keys named
+        return saved

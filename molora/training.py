@@ -38,7 +38,7 @@ from molora.data import MultiDomainData
 from molora.evaluation import CollapseAlarm, evaluate, peak_memory_mb, to_device, write_summary
 from molora.inspect import RoutingRecorder, health_summary, write_report
 from molora.model import MoLoRAModel
-from molora.run_config import RunConfig
+from molora.run_config import RunConfig, read_as_current
 from molora.run_setup import build_model, load_adapter_weights, lr_factor, make_optimizer, setup_distributed
 from molora.utils import atomic_write, atomic_write_text
 
@@ -134,15 +134,6 @@ class Progress:
     step: int = 0
     before: dict[str, Any] | None = None  # eval at step 0
     bad_steps: int = 0
-
-
-def read_as_current(saved: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's config as this version reads it: a field added since the checkpoint was written takes its
-    default (which keeps the behaviour of the version that wrote it), so an upgrade does not block --resume."""
-    try:
-        return RunConfig.from_dict(saved).to_dict()
-    except (ValueError, TypeError):  # a config this version cannot read: compared as saved, keys named
-        return saved
 
 
 def resume_from_checkpoint(run: Run) -> Progress:

@@ -31,8 +31,8 @@ from molora.checkpoint import (
     verify_checkpoint,
 )
 from molora.cli import train_main
-from molora.run_config import RunConfig
-from molora.training import read_as_current, train
+from molora.run_config import RunConfig, read_as_current
+from molora.training import train
 from tests.tiny import save_tiny_model, tiny_run_config, write_toy_domains
 
 REPO = Path(__file__).resolve().parents[1]
