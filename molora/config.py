@@ -13,15 +13,16 @@ from typing import Any
 
 from molora.version import __version__
 
-EXPERT_TYPES = ("lora", "rank1")
-INTUITION_POOLINGS = ("causal", "prompt", "mean")
 MIXTURE_SCALINGS = ("mean", "sum")
-ROUTING_SCOPES = ("module", "block")
+ROUTING_SCOPES = ("module", "input", "block")
+# routing_scope="input": siblings that read the same input tensor, by child name (fullmatch) within one parent.
+DEFAULT_INPUT_GROUPS = ["q_proj|k_proj|v_proj", "gate_proj|up_proj", "query|key|value", "wq|wk|wv", "w1|w3"]
 DISPATCHES = ("auto", "dense", "grouped")
 # Routers divide fp32 logits by the temperature: at 1e-3 logits of ~100 become 1e5 and their squared logsumexp (the
 # z-loss) 1e10, far from fp32's 3e38; 5e-324 is 0 in fp32 and gave NaN outputs. Lower is an argmax in all but name.
 MIN_ROUTER_TEMPERATURE = 1e-3
 CONFIG_NAME = "molora_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
 _WARNED_UNKNOWN_KEYS: set[str] = set()
 
 
@@ -117,14 +118,20 @@ class MoLoRAConfig:
     # Global-batch load balancing: the balance loss reads the routed fraction over the last N forwards (this one
     # plus N-1 earlier, detached), not one micro-batch, so single sequences may specialise.
     balance_window: int = 1
-    # "module": every adapted linear routes on its own input; "block": the adapted linears of one parent module (an
-    # FFN's gate/up/down, MixLoRA's layout) share one routing decision, made by the first of them on the block input.
+    # "module": every adapted linear routes on its own input. "input": the adapted siblings that read one input
+    # tensor (an `input_groups` entry within one parent: q/k/v, gate/up) share one router and one input-side matmul
+    # (their experts' input sides and the router's rows stacked), made by the first of them. "block": the adapted
+    # linears of one parent module (an FFN's gate/up/down, MixLoRA's layout) share one routing decision, made by the
+    # first of them on the block input.
     routing_scope: str = "module"
+    input_groups: list[str] = field(default_factory=lambda: list(DEFAULT_INPUT_GROUPS))
 
     def __post_init__(self) -> None:
         self.validate()
-        if self.router == "softmax" and self.top_k is not None:
-            warnings.warn("top_k is ignored by router='softmax' (dense); use router='topk'", stacklevel=3)
+        from molora.routers import ROUTERS
+
+        for message in ROUTERS[self.router].config_warnings(self):
+            warnings.warn(message, stacklevel=3)
 
     def validate(self) -> None:
         """Check every field (ValueError naming it) and normalise the shorthands (top_k defaults, an int layer).
@@ -132,8 +139,9 @@ class MoLoRAConfig:
         Injection calls it again: the fields are plain attributes, so a config can be changed after construction.
         """
         # Imported here so that the registries (which users may extend) stay below the config in the dependency order.
+        from molora.experts import EXPERTS
         from molora.losses import AUX_LOSSES
-        from molora.routers import ROUTERS, SPARSE_DEFAULT_TOP_K
+        from molora.routers import INTUITION_POOLINGS, ROUTERS
 
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
@@ -162,7 +170,7 @@ class MoLoRAConfig:
             _check_patterns("num_experts", self.num_experts, minimum=1, kind=int)
         else:
             _check_number("num_experts", self.num_experts, minimum=1, kind=int)
-        _check_choice("expert_type", self.expert_type, EXPERT_TYPES)
+        _check_choice("expert_type", self.expert_type, EXPERTS)
         _check_number("rank", self.rank, minimum=1, kind=int)
         _check_number("alpha", self.alpha, minimum=0, kind=float, strict=True)
         _check_number("dropout", self.dropout, minimum=0, kind=float)
@@ -176,16 +184,6 @@ class MoLoRAConfig:
             raise ValueError(f"use_rslora must be True or False, got {self.use_rslora!r}")
 
         _check_choice("router", self.router, ROUTERS)
-        if self.router in SPARSE_DEFAULT_TOP_K and self.top_k is None:
-            self.top_k = SPARSE_DEFAULT_TOP_K[self.router]
-        if self.top_k is not None and self.router != "softmax":
-            _check_number("top_k", self.top_k, minimum=1, kind=int)
-            if self.router == "switch" and self.top_k != 1:
-                raise ValueError(f"top_k must be 1 (or None) for router='switch', got {self.top_k}")
-            # a module with fewer experts than top_k uses all of them (plain LoRA beside routed modules: MixLoRA)
-            largest = max(self.num_experts.values()) if isinstance(self.num_experts, dict) else self.num_experts
-            if self.top_k > largest:
-                raise ValueError(f"top_k={self.top_k} is larger than num_experts={largest}")
         _check_number("router_temperature", self.router_temperature, minimum=0, kind=float, strict=True)
         if self.router_temperature < MIN_ROUTER_TEMPERATURE:
             raise ValueError(
@@ -197,10 +195,9 @@ class MoLoRAConfig:
         _check_choice("intuition_pooling", self.intuition_pooling, INTUITION_POOLINGS)
         if self.intuition_hidden is not None:
             _check_number("intuition_hidden", self.intuition_hidden, minimum=2, kind=int)
-        if self.router == "task" and self.num_tasks is None:
-            raise ValueError("num_tasks is required for router='task'")
         if self.num_tasks is not None:
             _check_number("num_tasks", self.num_tasks, minimum=1, kind=int)
+        ROUTERS[self.router].check_config(self)  # after the fields it reads (num_experts, num_tasks) are checked
 
         if not isinstance(self.aux_losses, dict):
             raise ValueError(f"aux_losses must be a dict {{name: weight}}, got {self.aux_losses!r}")
@@ -226,12 +223,23 @@ class MoLoRAConfig:
             raise ValueError("shared_experts needs dispatch 'dense' or 'auto': grouped dispatch sorts routed tokens")
         if not isinstance(self.share_lora_a, bool):
             raise ValueError(f"share_lora_a must be True or False, got {self.share_lora_a!r}")
-        if self.share_lora_a and self.expert_type != "lora":
-            raise ValueError(f"share_lora_a (HydraLoRA) needs expert_type='lora', got {self.expert_type!r}")
+        if self.share_lora_a and not EXPERTS[self.expert_type].can_share_input_side:
+            sharing = sorted(name for name, cls in EXPERTS.items() if cls.can_share_input_side)
+            raise ValueError(f"share_lora_a (HydraLoRA) needs expert_type in {sharing}, got {self.expert_type!r}")
         if self.router_init_std is not None:
             _check_number("router_init_std", self.router_init_std, minimum=0, kind=float)
         _check_number("balance_window", self.balance_window, minimum=1, kind=int)
         _check_choice("routing_scope", self.routing_scope, ROUTING_SCOPES)
+        if self.routing_scope != "module" and not ROUTERS[self.router].shareable:
+            raise ValueError(
+                f"routing_scope={self.routing_scope!r} shares one router across modules; router={self.router!r} "
+                "cannot be shared"
+            )
+        if not isinstance(self.input_groups, (list, tuple)) or not all(isinstance(g, str) for g in self.input_groups):
+            raise ValueError(f"input_groups must be a list of regex strings, got {self.input_groups!r}")
+        self.input_groups = list(self.input_groups)
+        for pattern in self.input_groups:
+            self._check_regex("input_groups", pattern)
 
     @staticmethod
     def _check_regex(name: str, pattern: str) -> None:

@@ -32,6 +32,8 @@ class RoutingContext:
     token_masks: dict[str, tuple[torch.Tensor, dict[tuple[int, int], torch.Tensor]]] = field(default_factory=dict)
     # routing_scope='block': {block name: router output} of this forward, published by each block's first layer.
     block_routes: dict[str, Any] = field(default_factory=dict)
+    # routing_scope='input': {group key: SharedInput} of this forward, the input sides its owner computed.
+    shared_inputs: dict[str, Any] = field(default_factory=dict)
 
 
 class ContextSlot:

@@ -13,7 +13,7 @@ from torch import nn
 
 from molora.base_models import load_base
 from molora.data import MultiDomainData
-from molora.inspect import write_report
+from molora.inspect import DEAD_LOAD_SHARE, dead_load, write_report
 from molora.model import MoLoRAModel
 from molora.run_config import RunConfig
 from molora.run_setup import setup_distributed
@@ -21,7 +21,7 @@ from molora.utils import atomic_write_text
 
 
 class CollapseAlarm:
-    """Flags experts under 1/(10E) of the load for `patience` consecutive evaluations, and low routing entropy."""
+    """Flags dead experts (inspect.dead_load) for `patience` consecutive evaluations, and low routing entropy."""
 
     def __init__(self, patience: int, entropy_ratio: float):
         self.patience, self.entropy_ratio = patience, entropy_ratio
@@ -33,9 +33,10 @@ class CollapseAlarm:
             num_experts = len(s["load"])
             for expert, load in enumerate(s["load"]):
                 key = (layer, expert)
-                self.streak[key] = self.streak.get(key, 0) + 1 if load < 1 / (10 * num_experts) else 0
+                self.streak[key] = self.streak.get(key, 0) + 1 if load < dead_load(num_experts) else 0
                 if self.streak[key] == self.patience:
-                    messages.append(f"expert {expert} of {layer} under 1/(10E) of the load for {self.patience} evals")
+                    share = f"{DEAD_LOAD_SHARE:g}/E"
+                    messages.append(f"expert {expert} of {layer} under {share} of the load for {self.patience} evals")
             floor = self.entropy_ratio * math.log(num_experts)
             if num_experts > 1 and s["entropy"] < floor:
                 messages.append(f"routing entropy of {layer} is {s['entropy']:.3f} < {floor:.3f}")

@@ -1,6 +1,6 @@
 """Expert banks stored as stacked tensors; the mixture is two matmuls with the gate applied in between.
 
-forward(x [N, d_in], weights [N, E]) -> scaling-free delta [N, d_out] = sum_e w_e * B_e A_e x.
+forward(x [N, d_in], gates [N, E]) -> scaling-free delta [N, d_out] = sum_e w_e * B_e A_e x.
 
 The layer calls the two halves itself: project() (one matmul with every expert's input side stacked, plus any
 extra rows, such as a router's gate, that read the same input) and mix() (gate the E*r intermediate, then one
@@ -17,72 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def stack_rows(output_side: torch.Tensor) -> torch.Tensor:
-    """[E, d_out, r] -> [E*r, d_out] (a copy of E*r*d_out numbers, small next to the activations); [E, d_out] stays."""
-    if output_side.dim() == 2:
-        return output_side
-    return output_side.transpose(1, 2).reshape(-1, output_side.shape[1])
-
-
-def unstack_rows(stacked: torch.Tensor, output_side: torch.Tensor) -> torch.Tensor:
-    """The inverse of stack_rows: [E*r, d_out] back to output_side's layout (for its gradient)."""
-    return stacked.view(output_side.shape[0], -1, stacked.shape[1]).transpose(1, 2).reshape(output_side.shape)
-
-
-def gate_rows(hidden: torch.Tensor, gates: torch.Tensor, spread: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [N, E*r] as [B, L, E*r], and the gate of each of its rows, [B, L or 1, E*r]."""
-    return hidden.view(gates.shape[0], -1, hidden.shape[1]), gates.to(hidden.dtype) @ spread
-
-
-class RebuildSaved(torch.autograd.graph.saved_tensors_hooks):
-    """Autograd keeps `derived` (a concatenation of `parts`) for backward as a recipe instead: `parts` are there
-    anyway (parameters), and rebuilding a weight-sized tensor in backward costs microseconds. The concatenated weight
-    is (E*r + k) * d_in numbers per layer: 43 MB over SmolLM2-135M's 210 layers, 5% of a PEFT LoRA's step peak.
-
-    For use where other_saved_tensor_hooks() is False.
-    """
-
-    def __init__(self, derived: torch.Tensor, parts: tuple[torch.Tensor, ...]):
-        self.derived, self.parts = derived, parts
-        super().__init__(self.pack, self.unpack)
-
-    def __exit__(self, *exc_info) -> None:
-        super().__exit__(*exc_info)
-        # autograd keeps the hooks (bound to this object) with what they packed: drop the tensors from here
-        self.derived = self.parts = None
-
-    def pack(self, tensor: torch.Tensor):
-        if tensor is not self.derived and tensor._base is not self.derived:
-            return tensor
-        # the saved tensor is the concatenation or a view of it (linear keeps its transpose): keep how to view it
-        view = (tensor.shape, tensor.stride(), tensor.storage_offset())
-        return self.parts, tuple(part._version for part in self.parts), view
-
-    @staticmethod
-    def unpack(packed):
-        if isinstance(packed, torch.Tensor):
-            return packed
-        parts, versions, (shape, stride, offset) = packed
-        if any(part._version != version for part, version in zip(parts, versions, strict=True)):
-            raise RuntimeError(
-                "one of the variables needed for gradient computation has been modified by an inplace operation: "
-                "an expert or router weight changed between this forward and its backward"
-            )
-        return torch.cat(parts).as_strided(shape, stride, offset)
-
-
-def other_saved_tensor_hooks() -> bool:
-    """Whether saved-tensor hooks of someone else are active (activation checkpointing and offloading bring their
-    own, and only the innermost pair applies), or torch.compile is tracing: then autograd keeps what it keeps."""
-    if torch.compiler.is_compiling():
-        return True
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is None or top(False) is not None
+from molora.memory import GatedMix, RebuildSaved, gate_rows, other_saved_tensor_hooks, stack_rows
 
 
 class Experts(nn.Module):
     expert_type: ClassVar[str] = ""
+    has_rank: ClassVar[bool] = True  # r rows per expert; False: rank-1 experts (the config's rank is unused)
+    can_share_input_side: ClassVar[bool] = False  # share_lora_a: one input side for all experts (HydraLoRA)
 
     def __init__(self, in_features: int, out_features: int, num_experts: int):
         super().__init__()
@@ -117,30 +58,35 @@ class Experts(nn.Module):
         """Every expert's output side as one [E*r, d_out] matrix."""
         return stack_rows(self.output_side)
 
-    def project(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [N, d_in] -> (the E*r intermediate [N, E*r], x @ extra.T or None) from a single matmul."""
+    def project(
+        self, x: torch.Tensor, extras: tuple[torch.Tensor, ...] = ()
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """x [N, d_in] -> (the E*r intermediate [N, E*r], (x @ extra.T for each extra)) from a single matmul.
+
+        The extras are other [k, d_in] weights that read the same x: a router's input projection, the input sides of
+        sibling modules (routing_scope='input')."""
         weight = self.stacked_in()
-        if extra is None:
-            return F.linear(x, weight), None
-        parts = (weight, extra.to(weight.dtype))
+        if not extras:
+            return F.linear(x, weight), ()
+        parts = (weight, *(extra.to(weight.dtype) for extra in extras))
         joined = torch.cat(parts)
         if not torch.is_grad_enabled() or other_saved_tensor_hooks():
             both = F.linear(x, joined)
         else:
             with RebuildSaved(joined, parts):
                 both = F.linear(x, joined)
-        hidden, projected = both.split([weight.shape[0], extra.shape[0]], dim=1)  # backward: one cat, not two pads
-        return hidden, projected
+        hidden, *rest = both.split([part.shape[0] for part in parts], dim=1)  # backward: one cat, not several pads
+        return hidden, tuple(rest)
 
     def mix(
         self,
         hidden: torch.Tensor,
-        weights: torch.Tensor,
+        gates: torch.Tensor,
         out: torch.Tensor | None = None,
         inplace: bool = False,
         scaling: float = 1.0,
     ) -> torch.Tensor:
-        """scaling * sum_e w_e B_e h_e for hidden [N, E*r] and weights [B, L, E] (N = B*L) or [B, 1, E] (one per
+        """scaling * sum_e w_e B_e h_e for hidden [N, E*r] and gates [B, L, E] (N = B*L) or [B, 1, E] (one per
         sequence).
 
         With `out` [N, d_out] the result is out + mixture from one addmm; with inplace=True it is accumulated into
@@ -150,10 +96,10 @@ class Experts(nn.Module):
         spread = self.gate_spread(scaling, hidden.dtype, hidden.device)
         if torch.is_autocast_enabled(hidden.device.type):
             # Autocast casts in a custom forward but not in its backward: plain ops here, which it handles throughout.
-            hidden3, row_gates = gate_rows(hidden, weights, spread)
+            hidden3, row_gates = gate_rows(hidden, gates, spread)
             gated = (hidden3 * row_gates).view(hidden.shape)
             return gated @ self.stacked_out() if out is None else torch.addmm(out, gated, self.stacked_out())
-        return GatedMix.apply(hidden, weights, spread, self.output_side, out, inplace)
+        return GatedMix.apply(hidden, gates, spread, self.output_side, out, inplace)
 
     def gate_spread(self, scaling: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """[E, E*r]: scaling on each expert's r rows, zero elsewhere; gates [.., E] @ spread = the gate of each row
@@ -165,8 +111,8 @@ class Experts(nn.Module):
             spread = self._gate_spreads[key] = eye.repeat_interleave(self.rows_per_expert, dim=1)
         return spread
 
-    def mix_grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """The sparse mixture computing only the selected experts, each on its own tokens: x [N, d_in], weights
+    def mix_grouped(self, x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The sparse mixture computing only the selected experts, each on its own tokens: x [N, d_in], gates
         [N, E] (zero outside the selection), indices [N, k]. E small matmuls and a host sync for the counts instead
         of two matmuls of width E*r; it wins once E/k is large (see bench/bench_dispatch.py)."""
         num_tokens, top_k = indices.shape
@@ -174,71 +120,24 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         token = order // top_k
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        gates = weights.gather(1, indices).reshape(-1)[order].unsqueeze(-1).to(x.dtype)
+        chosen = gates.gather(1, indices).reshape(-1)[order].unsqueeze(-1).to(x.dtype)
         rows = self.rows_per_expert
         stacked_in = self.stacked_in().view(self.num_experts, rows, -1)
         stacked_out = self.stacked_out().view(self.num_experts, rows, -1)
         pieces = [
             (chunk @ stacked_in[e].T) @ stacked_out[e] for e, chunk in enumerate(x[token].split(counts)) if counts[e]
         ]
-        return x.new_zeros(num_tokens, self.out_features).index_add_(0, token, torch.cat(pieces) * gates)
+        return x.new_zeros(num_tokens, self.out_features).index_add_(0, token, torch.cat(pieces) * chosen)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.mix(self.project(x)[0], weights.unsqueeze(0))
-
-
-class GatedMix(torch.autograd.Function):
-    """out + (hidden * spread gates) @ stacked_out, for hidden [N, E*r] and gates [B, L or 1, E].
-
-    `spread` [E, E*r] copies each expert's gate onto its r rows (times the scaling), so the gating is one small
-    matmul and a plain multiply: a [B, L, E, 1] broadcast multiply is ~2x slower on CPU, and the gates' gradient
-    is the transposed matmul instead of a sum over r.
-    Autograd would keep the gated [N, E*r] product (for the gradient of the output side) and the stacked copy of
-    the output sides; this keeps hidden, the gates (the router keeps both anyway) and the output-side parameter,
-    and recomputes the rest in backward. That saves E*r numbers per token and layer: a PEFT LoRA of rank E*r stores
-    E*r per token, and the 1.05x memory budget next to it leaves no room for a second such activation.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, gates, spread, output_side, out, inplace):
-        stacked_out = stack_rows(output_side)
-        hidden3, row_gates = gate_rows(hidden, gates, spread)
-        gated = (hidden3 * row_gates).view(hidden.shape)
-        if out is None:
-            result = gated @ stacked_out
-        elif inplace:
-            out.addmm_(gated, stacked_out)
-            ctx.mark_dirty(out)
-            result = out  # the input itself: what torch.compile needs of a dirty input
-        else:
-            result = torch.addmm(out, gated, stacked_out)
-        ctx.save_for_backward(hidden, gates, spread, output_side)
-        return result
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, gates, spread, output_side = ctx.saved_tensors
-        stacked_out = stack_rows(output_side)
-        hidden3, row_gates = gate_rows(hidden, gates, spread)
-        grad_hidden = grad_gates = grad_out_side = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_gated = (grad @ stacked_out.T).view(hidden3.shape)
-            if ctx.needs_input_grad[0]:
-                grad_hidden = (grad_gated * row_gates).view(hidden.shape)
-            if ctx.needs_input_grad[1]:
-                # back through the spread (a sum over each expert's rows, times the scaling); a per-sequence gate
-                # also sums over its positions
-                grad_gates = ((grad_gated * hidden3) @ spread.T).sum_to_size(gates.shape).to(gates.dtype)
-        if ctx.needs_input_grad[3]:
-            grad_out_side = unstack_rows((hidden3 * row_gates).view(hidden.shape).T @ grad, output_side)
-        grad_base = grad if ctx.needs_input_grad[4] else None
-        return grad_hidden, grad_gates, None, grad_out_side, grad_base, None
+    def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.project(x)[0], gates.unsqueeze(0))
 
 
 class LoRAExperts(Experts):
     """E LoRA experts of rank r: A [E, r, d_in] (kaiming-uniform), B [E, d_out, r] (zero unless random init)."""
 
     expert_type = "lora"
+    can_share_input_side = True
 
     def __init__(
         self,
@@ -306,6 +205,7 @@ class Rank1Experts(Experts):
     """MoR1E: expert e is v_e u_e^T, u [E, d_in] (input side), v [E, d_out] (output side, zero at init)."""
 
     expert_type = "rank1"
+    has_rank = False
 
     def __init__(
         self,
@@ -364,10 +264,14 @@ def build_experts(
     device: torch.device | None = None,
     share_a: bool = False,
 ) -> Experts:
-    if expert_type == "lora":
-        return (SharedALoRAExperts if share_a else LoRAExperts)(
-            in_features, out_features, num_experts, rank, init_zero=init_zero, dtype=dtype, device=device
-        )
-    if expert_type == "rank1":
-        return Rank1Experts(in_features, out_features, num_experts, init_zero=init_zero, dtype=dtype, device=device)
-    raise ValueError(f"expert_type must be one of {sorted(EXPERTS)}, got {expert_type!r}")
+    if expert_type not in EXPERTS:
+        raise ValueError(f"expert_type must be one of {sorted(EXPERTS)}, got {expert_type!r}")
+    cls = EXPERTS[expert_type]
+    if share_a:
+        if not cls.can_share_input_side:
+            raise ValueError(f"expert_type={expert_type!r} cannot share one input side across experts")
+        cls = SharedALoRAExperts
+    options = dict(init_zero=init_zero, dtype=dtype, device=device)
+    if cls.has_rank:
+        return cls(in_features, out_features, num_experts, rank, **options)
+    return cls(in_features, out_features, num_experts, **options)

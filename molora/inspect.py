@@ -21,6 +21,8 @@ from torch import nn
 from molora.layer import MoLoRALinear
 from molora.utils import atomic_write, atomic_write_text
 
+DEAD_LOAD_SHARE = 0.1  # an expert with under a tenth of its uniform load share (1/E) is dead
+
 
 class RoutingRecorder:
     """Accumulates, per MoLoRA layer and task: summed routing weight, selection counts and token counts per expert.
@@ -60,7 +62,7 @@ class RoutingRecorder:
         return hook
 
     def _record(self, name: str, route, inputs) -> None:
-        batch, length, num_experts = route.weights.shape
+        batch, length, num_experts = route.gates.shape
         mask = inputs.token_mask if inputs is not None and inputs.token_mask is not None else None
         mask = torch.ones(batch, length, dtype=torch.bool) if mask is None else mask.bool().cpu()
         tasks = self.fixed_task_ids
@@ -69,7 +71,7 @@ class RoutingRecorder:
         tasks = torch.zeros(batch, dtype=torch.long) if tasks is None else tasks.cpu().long()
         if tasks.shape[0] != batch:
             tasks = tasks.repeat_interleave(batch // tasks.shape[0])
-        weights = route.weights.detach().float().cpu()
+        weights = route.gates.detach().float().cpu()
         indices = route.probs.argmax(-1, keepdim=True) if route.indices is None else route.indices
         selected = torch.nn.functional.one_hot(indices.cpu(), num_experts).sum(-2).float()  # [B, L, E]
         probs = route.probs.detach().float().cpu()
@@ -140,6 +142,11 @@ def mutual_information(joint: torch.Tensor) -> tuple[float, float]:
     return max(mi, 0.0), h_task
 
 
+def dead_load(num_experts: int) -> float:
+    """The load share under which an expert counts as dead: a tenth of its uniform share."""
+    return DEAD_LOAD_SHARE / num_experts
+
+
 def layer_stats(weight: torch.Tensor, selected: torch.Tensor, tokens: torch.Tensor, entropy_sum: float) -> dict:
     num_experts = weight.shape[1]
     load = weight.sum(0) / weight.sum().clamp_min(1e-12)
@@ -151,7 +158,7 @@ def layer_stats(weight: torch.Tensor, selected: torch.Tensor, tokens: torch.Tens
         "tokens": int(tokens.sum()),
         "entropy": entropy_sum / max(float(tokens.sum()), 1.0),
         "load_cv": float(load.std(unbiased=False) / load.mean()),
-        "dead_experts": int((load < 1 / (10 * num_experts)).sum()),
+        "dead_experts": int((load < dead_load(num_experts)).sum()),
         "task_expert": utilisation.tolist(),
         "mi_bits": mi,
         "mi_normalized": mi / h_task if h_task > 0 else 0.0,
@@ -238,7 +245,7 @@ def write_report(recorder: RoutingRecorder, directory: str | Path, title: str = 
             f"Tasks: {', '.join(stats['tasks'])}. Averages over {len(stats['layers'])} MoLoRA layers: "
             f"routing entropy {agg['entropy']:.3f} nats, load CV {agg['load_cv']:.3f}, "
             f"I(task; expert) {agg['mi_bits']:.3f} bits ({agg['mi_normalized']:.1%} of H(task)); "
-            f"dead experts (< 1/(10E) of the load): {agg['dead_experts']}.",
+            f"dead experts (< {DEAD_LOAD_SHARE:g}/E of the load): {agg['dead_experts']}.",
             "",
             "| layer | entropy | load CV | dead | MI bits | MI / H(task) |",
             "|---|---|---|---|---|---|",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from molora.context import RoutingContext, current_context, in_backward
 from molora.experts import Experts
-from molora.routers import Router, RouterInputs, RouterOutput
+from molora.routers import ROUTERS, Router, RouterInputs, RouterOutput
 
 # Where a layer sits decides which attention mask describes its input tokens and how its router may pool:
 # "self" (decoder-only or encoder-only model), "encoder", "decoder" (always causal), "cross" (reads encoder states).
@@ -23,11 +25,21 @@ def align_batch(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     raise ValueError(f"{what} has batch size {tensor.shape[0]}, but the model input has batch size {batch}")
 
 
-def per_sequence(weights: torch.Tensor) -> torch.Tensor:
-    """[B, 1, E] when the [B, L, E] weights are one gate per sequence broadcast along L, else the weights."""
-    if weights.shape[1] > 1 and weights.stride(1) == 0:
-        return weights[:, :1]
-    return weights
+@dataclass
+class SharedInput:
+    """What the first module of a routing_scope='input' group to run on a tensor leaves for the others: the tensor,
+    every member's input side from one joint matmul, and the group's routing of it."""
+
+    x: torch.Tensor
+    hiddens: dict[str, torch.Tensor]  # {layer name: its experts' input side}; empty under grouped dispatch
+    route: RouterOutput
+
+
+def per_sequence(gates: torch.Tensor) -> torch.Tensor:
+    """[B, 1, E] when the [B, L, E] gates are one gate per sequence broadcast along L, else the gates."""
+    if gates.shape[1] > 1 and gates.stride(1) == 0:
+        return gates[:, :1]
+    return gates
 
 
 class MoLoRALinear(nn.Module):
@@ -47,19 +59,25 @@ class MoLoRALinear(nn.Module):
         gate_multiplier: float = 1.0,
         block: str | None = None,
         block_owner: MoLoRALinear | None = None,
+        shares_input: bool = False,
     ):
         super().__init__()
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.base_layer = base_layer
         self.experts = experts
-        # None for a block follower (routing_scope='block'): it reuses the routing its block's owner published
+        # None for a follower (routing_scope 'input' or 'block'): it reuses the routing its group's owner published
         self.router = router
         if (router is None) != (block_owner is not None):
-            raise ValueError("a layer needs a router, or (block routing) the block owner whose routing it reuses")
-        self.block = block
+            raise ValueError("a layer needs a router, or (shared routing) the group owner whose routing it reuses")
+        self.block = block  # the routing group's key (routing_scope 'input'/'block'), None when routing alone
         self._owner = (block_owner,) if block_owner is not None else ()  # a tuple: not a submodule of this layer
         self._block_route: RouterOutput | None = None  # the owner's route of its last forward, outside a context
+        # routing_scope='input': the group reads one tensor, so whichever member runs first on it computes every
+        # member's input side in one matmul and routes it with the group's router; the others take their part.
+        self.shares_input = shares_input
+        self.input_group: tuple[MoLoRALinear, ...] = ()  # every member, this one included (set by the patcher)
+        self._shared_input: SharedInput | None = None  # the group's last, outside a routing context (on the owner)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = scaling
         self.role = role
@@ -117,7 +135,7 @@ class MoLoRALinear(nn.Module):
         owner = self._owner[0]
         ctx = current_context()
         route = ctx.block_routes.get(self.block) if ctx is not None else owner._block_route
-        if route is None or tuple(route.weights.shape[:2]) != tokens:
+        if route is None or tuple(route.gates.shape[:2]) != tokens:
             raise RuntimeError(
                 f"{self.layer_name} shares the routing of block {self.block!r}, decided by {owner.layer_name}, which "
                 "has not run on these tokens in this forward; routing_scope='block' needs the block's first adapted "
@@ -171,12 +189,12 @@ class MoLoRALinear(nn.Module):
         """The scaling the mixture applies to every row of the bank (routed gates times gate_multiplier)."""
         return self.scaling * self.gate_multiplier
 
-    def bank_gates(self, weights: torch.Tensor) -> torch.Tensor:
-        """Router weights [..., E] -> the gates of the whole bank [..., E + num_shared] (shared experts always on)."""
+    def bank_gates(self, gates: torch.Tensor) -> torch.Tensor:
+        """Router gates [..., E] -> the gates of the whole bank [..., E + num_shared] (shared experts always on)."""
         if not self.num_shared:
-            return weights
-        shared = weights.new_full((*weights.shape[:-1], self.num_shared), 1.0 / self.gate_multiplier)
-        return torch.cat([weights, shared], dim=-1)
+            return gates
+        shared = gates.new_full((*gates.shape[:-1], self.num_shared), 1.0 / self.gate_multiplier)
+        return torch.cat([gates, shared], dim=-1)
 
     def grouped_dispatch(self, x: torch.Tensor) -> bool:
         top_k = self.routing_router.top_k
@@ -184,14 +202,14 @@ class MoLoRALinear(nn.Module):
             return False
         if self.dispatch == "grouped":
             return True
-        # Measured crossover (bench/bench_dispatch.py, 4096 tokens, 256 -> 688, r=8, k=2): on 2 CPU cores grouped is
-        # 0.90x dense at E=32 and 0.59x at E=64; on an H100 it stayed slower up to E=128 (launch-bound).
+        # The crossover measured by bench/bench_dispatch.py (README, "Top-k dispatch"): grouped wins on CPU from
+        # E/k = 16; on a GPU it stayed slower up to E=128 (launch-bound).
         return x.device.type == "cpu" and self.routing_router.num_experts >= 16 * top_k
 
     def shares_router_matmul(self, x: torch.Tensor, expert_x: torch.Tensor) -> bool:
         """Whether the router's input projection can ride in the experts' matmul: both must read the same fp32
         numbers (no dropout or jitter active, no autocast, which would run the router in half precision)."""
-        if self.training and (not isinstance(self.dropout, nn.Identity) or self.router.jitter > 0):
+        if self.training and (not isinstance(self.dropout, nn.Identity) or self.routing_router.jitter > 0):
             return False
         return (
             x.dtype == torch.float32
@@ -211,35 +229,111 @@ class MoLoRALinear(nn.Module):
         inputs = self.routing_context(x3)
         expert_x = self.dropout(flat_x).to(self.experts_dtype)
         out_shape = (*x.shape[:-1], result.shape[-1])
-        follower = self.router is None
         if self.grouped_dispatch(flat_x):
-            route = self.block_route(tuple(x3.shape[:2])) if follower else self.route(x3, inputs)
-            self.last_route = (route, inputs.token_mask) if self.aux_loss_names and not follower else None
-            # [N, E] per token (a per-sequence gate is expanded here): grouped dispatch sorts tokens, not sequences
-            flat_weights = route.weights.reshape(-1, route.weights.shape[-1]) * self.mix_scaling
-            indices = route.indices.reshape(-1, route.indices.shape[-1])
-            delta = self.experts.mix_grouped(expert_x, flat_weights, indices)
+            delta = self.grouped_delta(x, x3, expert_x, inputs)
             return result.view(out_shape) + delta.to(result.dtype).view(out_shape)
-        projection = None if follower else self.router.input_projection()
-        if projection is not None and self.shares_router_matmul(flat_x, expert_x):
-            hidden, projected = self.experts.project(expert_x, projection)
-            route = self.route(x3, inputs, projected.view(*x3.shape[:-1], -1))
-        else:
-            hidden, _ = self.experts.project(expert_x)
-            route = self.block_route(tuple(x3.shape[:2])) if follower else self.route(x3, inputs)
+        hidden, route = self.project_and_route(x, x3, flat_x, expert_x, inputs)
+        gates = self.bank_gates(per_sequence(route.gates))
+        return self.add_mixture(result, hidden, gates, plain_linear).view(out_shape)
+
+    def decide_route(self, x3: torch.Tensor, inputs: RouterInputs, projected: torch.Tensor | None = None):
+        """This forward's routing: the layer's own router's, or (block follower) its owner's; kept for aux losses."""
+        follower = self.router is None
+        route = self.block_route(tuple(x3.shape[:2])) if follower else self.route(x3, inputs, projected)
         self.last_route = (route, inputs.token_mask) if self.aux_loss_names and not follower else None
-        weights = self.bank_gates(per_sequence(route.weights))
+        return route
+
+    def grouped_delta(
+        self, x: torch.Tensor, x3: torch.Tensor, expert_x: torch.Tensor, inputs: RouterInputs
+    ) -> torch.Tensor:
+        """Top-k, each token sent to its k experts only (tokens sorted by expert): the delta [N, d_out]."""
+        if self.shares_input:
+            shared = self.find_shared_input(x)
+            route = (shared or self.share_input(x, x3, x3.reshape(-1, x3.shape[-1]), expert_x, inputs, False)).route
+        else:
+            route = self.decide_route(x3, inputs)
+        # [N, E] per token (a per-sequence gate is expanded here): grouped dispatch sorts tokens, not sequences
+        flat_gates = route.gates.reshape(-1, route.gates.shape[-1]) * self.mix_scaling
+        indices = route.indices.reshape(-1, route.indices.shape[-1])
+        return self.experts.mix_grouped(expert_x, flat_gates, indices)
+
+    def project_and_route(
+        self, x: torch.Tensor, x3: torch.Tensor, flat_x: torch.Tensor, expert_x: torch.Tensor, inputs: RouterInputs
+    ) -> tuple[torch.Tensor, RouterOutput]:
+        """The experts' input side [N, E*r] and the routing; the router's input projection rides in the experts'
+        matmul when both read the same numbers (and, routing_scope='input', the whole group's input sides do)."""
+        if self.shares_input:
+            shared = self.find_shared_input(x) or self.share_input(x, x3, flat_x, expert_x, inputs, True)
+            return shared.hiddens[self.layer_name], shared.route
+        projection = None if self.router is None else self.router.input_projection()
+        if projection is not None and self.shares_router_matmul(flat_x, expert_x):
+            hidden, (projected,) = self.experts.project(expert_x, (projection,))
+            return hidden, self.decide_route(x3, inputs, projected.view(*x3.shape[:-1], -1))
+        hidden, _ = self.experts.project(expert_x)
+        return hidden, self.decide_route(x3, inputs)
+
+    @property
+    def group_owner(self) -> MoLoRALinear:
+        return self if self.router is not None else self._owner[0]
+
+    def find_shared_input(self, x: torch.Tensor) -> SharedInput | None:
+        """routing_scope='input': what a member that ran first left for this very tensor, or None."""
+        ctx = current_context()
+        shared = ctx.shared_inputs.get(self.block) if ctx is not None else self.group_owner._shared_input
+        return shared if shared is not None and shared.x is x else None
+
+    def share_input(
+        self,
+        x: torch.Tensor,
+        x3: torch.Tensor,
+        flat_x: torch.Tensor,
+        expert_x: torch.Tensor,
+        inputs: RouterInputs,
+        project: bool,
+    ) -> SharedInput:
+        """routing_scope='input', the first member to run on x: every member's input side in one matmul (with the
+        router's rows when they read the same numbers) and the routing by the group's router, left for the others.
+        A member given another tensor than its siblings gets here too: its input is routed on its own (as with
+        routing per module and the routers tied)."""
+        owner = self.group_owner
+        router = owner.router
+        projection = router.input_projection()
+        fused = project and projection is not None and self.shares_router_matmul(flat_x, expert_x)
+        others = [m for m in self.input_group if m is not self] if project else []
+        hiddens: dict[str, torch.Tensor] = {}
+        projected = None
+        if project:
+            extras = tuple(m.experts.stacked_in() for m in others) + ((projection,) if fused else ())
+            hidden, outputs = self.experts.project(expert_x, extras)
+            hiddens = {self.layer_name: hidden} | {m.layer_name: h for m, h in zip(others, outputs, strict=False)}
+            projected = outputs[-1].view(*x3.shape[:-1], -1) if fused else None
+        route_inputs = inputs if owner is self else owner.routing_context(x3)  # the owner's decoding-state slot
+        route = router(x3, route_inputs, projected=projected)
+        owner.last_route = (route, route_inputs.token_mask) if owner.aux_loss_names else None
+        shared = SharedInput(x, hiddens, route)
+        ctx = current_context()
+        if ctx is not None:
+            ctx.shared_inputs[self.block] = shared
+        else:
+            owner._shared_input = shared
+        return shared
+
+    def add_mixture(
+        self, result: torch.Tensor, hidden: torch.Tensor, gates: torch.Tensor, plain_linear: bool
+    ) -> torch.Tensor:
+        """The base output plus the gated mixture, [N, d_out]: one addmm, into the base output itself where nothing
+        else reads it."""
         flat_result = result if result.dim() == 2 else result.reshape(-1, result.shape[-1])
         if flat_result.dtype != hidden.dtype:
-            delta = self.experts.mix(hidden, weights, scaling=self.mix_scaling)
-            return result.view(out_shape) + delta.to(result.dtype).view(out_shape)
+            delta = self.experts.mix(hidden, gates, scaling=self.mix_scaling)
+            return flat_result + delta.to(flat_result.dtype)
         inplace = (
             plain_linear
             and flat_result._base is None
             and not self.base_layer._forward_hooks
-            and not torch.is_autocast_enabled(x.device.type)  # in-place ops are not autocast
+            and not torch.is_autocast_enabled(hidden.device.type)  # in-place ops are not autocast
         )
-        return self.experts.mix(hidden, weights, flat_result, inplace, self.mix_scaling).view(out_shape)
+        return self.experts.mix(hidden, gates, flat_result, inplace, self.mix_scaling)
 
     def route(self, x3: torch.Tensor, inputs: RouterInputs, projected: torch.Tensor | None = None) -> RouterOutput:
         route = self.router(x3, inputs, projected=projected)
@@ -248,23 +342,25 @@ class MoLoRALinear(nn.Module):
         return route
 
     # Merging ------------------------------------------------------------------------------------------------------
-    def merged_delta(self, expert_weights: torch.Tensor) -> torch.Tensor:
-        """scaling * sum_e w_e B_e A_e as one [d_out, d_in] matrix, for fixed router weights [E] (shared experts
+    def merged_delta(self, fixed_gates: torch.Tensor) -> torch.Tensor:
+        """scaling * sum_e w_e B_e A_e as one [d_out, d_in] matrix, for fixed gates [E] (shared experts
         added)."""
-        gates = self.bank_gates(expert_weights.to(self.experts_dtype))
+        gates = self.bank_gates(fixed_gates.to(self.experts_dtype))
         rows = gates.repeat_interleave(self.experts.rows_per_expert)
         return self.mix_scaling * (self.experts.stacked_out() * rows.unsqueeze(-1)).T @ self.experts.stacked_in()
 
-    def fixed_expert_weights(self, task_id: int | None) -> torch.Tensor:
-        """The expert weights [E] when they do not depend on the tokens: the task router's gate for one task."""
+    def fixed_gates(self, task_id: int | None) -> torch.Tensor:
+        """The gates [E] when they do not depend on the tokens: the task router's gate for one task."""
         router = self.routing_router
         num_experts = router.num_experts
         if num_experts == 1:
             return torch.ones(1, device=self.weight.device)
-        if router.name != "task":
+        if not router.mergeable_per_task:
+            mergeable = sorted(name for name, cls in ROUTERS.items() if cls.mergeable_per_task)
             raise ValueError(
                 f"{self.layer_name}: router {router.name!r} weighs the experts per token, so no single matrix "
-                "reproduces it; only router='task' (one gate per task) or a single expert can be merged"
+                f"reproduces it; only a router with one gate per task ({', '.join(mergeable)}) or a single expert "
+                "can be merged"
             )
         if task_id is None:
             raise ValueError("merging a task router needs task_id: the gate differs per task")
@@ -272,12 +368,12 @@ class MoLoRALinear(nn.Module):
             raise ValueError(f"task_id must be in [0, num_tasks={router.num_tasks}), got {task_id}")
         probe = torch.zeros(1, 1, self.in_features, device=self.weight.device)
         task_ids = torch.tensor([task_id], device=self.weight.device)
-        return router(probe, RouterInputs(task_ids=task_ids)).weights[0, 0]
+        return router(probe, RouterInputs(task_ids=task_ids)).gates[0, 0]
 
     @torch.no_grad()
     def merge_into_base(self, task_id: int | None = None) -> nn.Module:
         """Add the (fixed) mixture to the base weight in place and return the base layer."""
-        delta = self.merged_delta(self.fixed_expert_weights(task_id))
+        delta = self.merged_delta(self.fixed_gates(task_id))
         weight = self.base_layer.weight
         if not isinstance(self.base_layer, nn.Linear):  # transformers' Conv1D stores [d_in, d_out]
             delta = delta.T

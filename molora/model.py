@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from molora.adapter_load import AdapterLoadResult
-from molora.config import CONFIG_NAME, MoLoRAConfig
+from molora.config import CONFIG_NAME, WEIGHTS_NAME, MoLoRAConfig
 from molora.context import (
     MaskCapture,
     RoutingContext,
@@ -27,9 +27,8 @@ from molora.inspect import RoutingRecorder
 from molora.layer import MoLoRALinear
 from molora.losses import BalanceWindow, aux_term_means, layer_aux_terms
 from molora.patcher import InjectionReport, inject, molora_layers, unload
+from molora.routers import ROUTERS
 from molora.utils import atomic_write
-
-WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 class MoLoRAModel(nn.Module):
@@ -80,8 +79,9 @@ class MoLoRAModel(nn.Module):
         """Check the routing inputs (type, shape, batch, range) before anything runs; a bad batch is a ValueError."""
         task_ids = task_id_tensor(task_ids)
         prompt_mask = prompt_mask_tensor(prompt_mask)
-        if self.molora_config.router == "task" and task_ids is None and needs_task_ids:
-            raise ValueError("router='task' needs task_ids ([batch] ints) in forward()/generate()")
+        router = self.molora_config.router
+        if ROUTERS[router].needs_task_ids and task_ids is None and needs_task_ids:
+            raise ValueError(f"router={router!r} needs task_ids ([batch] ints) in forward()/generate()")
         if shape is not None:
             check_batch(task_ids, prompt_mask, shape, generating)
         # (not while torch.compile traces: a data-dependent branch would split the graph)
@@ -137,31 +137,18 @@ class MoLoRAModel(nn.Module):
             yield ctx
 
     def _check_decoding(self, kwargs: dict[str, Any]) -> None:
-        config = self.molora_config
-        if config.router != "intuition":
-            return
         encoder_decoder = getattr(getattr(self.base_model, "config", None), "is_encoder_decoder", False)
-        if config.intuition_pooling == "mean" and not encoder_decoder:
-            warnings.warn(
-                "intuition_pooling='mean' lets every token see the whole sequence, so cached generation differs "
-                "from uncached; use 'causal' or 'prompt' for decoders",
-                stacklevel=3,
-            )
         generation_config = kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
         beams = kwargs.get("num_beams") or getattr(generation_config, "num_beams", 1) or 1
-        running_state = encoder_decoder or config.intuition_pooling != "prompt"
-        if beams > 1 and running_state:
-            raise NotImplementedError(
-                "beam search reorders the KV cache but not the intuition router's running pooled state; use greedy "
-                "or sampling, or intuition_pooling='prompt'"
-            )
+        config = self.molora_config
+        ROUTERS[config.router].check_generation(config, encoder_decoder=encoder_decoder, beams=beams)
 
     def generate(self, *args: Any, task_ids: Any = None, prompt_mask: Any = None, **kwargs: Any) -> Any:
         """As the base model's generate(); task_ids and prompt_mask describe the prompts (one row per prompt)."""
         self._check_decoding(kwargs)
         found = first_input(args, kwargs, ("input_ids", "inputs", "inputs_embeds"), "inputs")
         shape = None if found is None else CallShape(found[0], found[1].shape[0], (found[1].shape[1],))
-        if prompt_mask is None and self.molora_config.intuition_pooling == "prompt":
+        if prompt_mask is None and ROUTERS[self.molora_config.router].wants_prompt_mask(self.molora_config):
             prompt_mask = kwargs.get("attention_mask")
             if prompt_mask is None and found is not None:
                 prompt_mask = torch.ones(found[1].shape[:2], dtype=torch.bool, device=found[1].device)
@@ -256,7 +243,7 @@ class MoLoRAModel(nn.Module):
         """
         layers = [layer for _, layer in self._layers]
         for layer in layers:
-            layer.fixed_expert_weights(task_id)
+            layer.fixed_gates(task_id)
         was_training = self.training
         self.eval()
         for layer in layers:

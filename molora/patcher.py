@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from molora.config import MoLoRAConfig, pattern_lookup
-from molora.experts import build_experts
+from molora.experts import EXPERTS, build_experts
 from molora.layer import MoLoRALinear
 from molora.routers import ROUTERS
 
@@ -40,6 +40,7 @@ class InjectedModule:
     alpha: float
     scaling: float
     role: str
+    routed_by: str | None = None  # the module whose router decides this one's gates (routing_scope input/block)
 
 
 @dataclass
@@ -58,13 +59,13 @@ class InjectionReport:
     def __str__(self) -> str:
         lines = [
             f"MoLoRA injection: {len(self.modules)} modules, router={self.router}, experts={self.expert_type}",
-            f"{'module':<48} {'type':<7} {'in':>5} {'out':>5} {'E':>3} {'r':>3} {'scale':>7} role",
+            f"{'module':<48} {'type':<7} {'in':>5} {'out':>5} {'E':>3} {'r':>3} {'scale':>7} {'role':<7} router",
         ]
         for m in self.modules:
             rank = "-" if m.rank is None else str(m.rank)
             lines.append(
                 f"{m.name:<48} {m.base_type:<7} {m.in_features:>5} {m.out_features:>5} {m.num_experts:>3} "
-                f"{rank:>3} {m.scaling:>7.3g} {m.role}"
+                f"{rank:>3} {m.scaling:>7.3g} {m.role:<7} {_router_column(m)}"
             )
         weights = ", ".join(f"{k}={v:g}" for k, v in self.aux_losses.items()) or "none"
         lines.append(f"aux losses: {weights}")
@@ -150,6 +151,14 @@ def find_targets(model: nn.Module, config: MoLoRAConfig) -> tuple[list[tuple[str
     return kept, excluded
 
 
+def _router_column(module: InjectedModule) -> str:
+    if module.routed_by is None:
+        return "own"
+    if module.routed_by == module.name:
+        return "own, shared"
+    return f"shares {module.routed_by.rpartition('.')[2]}'s"
+
+
 def _scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
@@ -178,13 +187,17 @@ def inject(model: nn.Module, config: MoLoRAConfig) -> InjectionReport:
     targets, excluded = find_targets(model, config)
     layers: list[tuple[str, MoLoRALinear]] = []
     records: list[InjectedModule] = []
-    owners = block_owners(targets, config)
+    groups = routing_groups(model, targets, config)
     built: dict[str, MoLoRALinear] = {}
     for name, module in targets:  # build everything before touching the model
-        layer, record = _build_layer(model, name, module, config, owners.get(name), built)
+        layer, record = _build_layer(model, name, module, config, groups.get(name), built)
         built[name] = layer
         layers.append((name, layer))
         records.append(record)
+    if config.routing_scope == "input":  # the member that runs first computes every member's input side
+        for name, layer in layers:
+            if name in groups:
+                layer.input_group = tuple(built[n] for n, g in groups.items() if g == groups[name])
 
     for param in model.parameters():
         param.requires_grad_(False)
@@ -215,11 +228,12 @@ def _build_layer(
     name: str,
     module: nn.Module,
     config: MoLoRAConfig,
-    owner: str | None,
+    group: tuple[str, str] | None,
     built: dict[str, MoLoRALinear],
 ) -> tuple[MoLoRALinear, InjectedModule]:
-    """The MoLoRA layer for one target (not yet in the model) and its line of the report. `owner`: the module that
-    routes this one's block (routing_scope='block'), built earlier; None when each module routes itself."""
+    """The MoLoRA layer for one target (not yet in the model) and its line of the report. `group`: (group key, the
+    module that routes the group, built earlier) for routing_scope 'input'/'block'; None when it routes itself."""
+    key, owner = group if group is not None else (None, None)
     d_in, d_out = _features(module)
     num_experts = config.experts_for(name)
     rank, alpha = config.rank_for(name), config.alpha_for(name)
@@ -238,12 +252,11 @@ def _build_layer(
     )
     router = None
     if owner is None or owner == name:
-        pooling_by_role = {"decoder": "causal", "cross": "mean"}
-        intuition_role = config.router == "intuition" and role in pooling_by_role
-        overrides = {"pooling": pooling_by_role[role]} if intuition_role else {}
+        router_class = ROUTERS[config.router]
+        overrides = router_class.role_options(config, role)
         if config.top_k is not None and config.top_k > num_experts:  # this module uses all its experts
             overrides["top_k"] = num_experts
-        router = ROUTERS[config.router].from_config(d_in, num_experts, config, **overrides).to(weight.device)
+        router = router_class.from_config(d_in, num_experts, config, **overrides).to(weight.device)
     scaling = _scaling(alpha, experts.adapter_rank, config.use_rslora)
     _check_scaling(name, alpha, scaling, _adapter_dtype(weight))
     deciding = router if router is not None else built[owner].router
@@ -260,31 +273,51 @@ def _build_layer(
         dispatch=config.dispatch,
         num_shared=config.shared_experts,
         gate_multiplier=gate_multiplier,
-        block=None if owner is None else name.rpartition(".")[0],
+        block=key,
         block_owner=None if owner is None or owner == name else built[owner],
+        shares_input=config.routing_scope == "input" and owner is not None,
     )
-    shown_rank = rank if config.expert_type == "lora" else None
-    record = InjectedModule(name, type(module).__name__, d_in, d_out, num_experts, shown_rank, alpha, scaling, role)
+    shown_rank = rank if EXPERTS[config.expert_type].has_rank else None
+    record = InjectedModule(
+        name, type(module).__name__, d_in, d_out, num_experts, shown_rank, alpha, scaling, role, routed_by=owner
+    )
     return layer, record
 
 
-def block_owners(targets: list[tuple[str, nn.Module]], config: MoLoRAConfig) -> dict[str, str]:
-    """routing_scope='block': {module name: the first adapted module of its parent}, which routes for the block;
-    {} for routing per module. Every module of a block must have the same number of experts."""
-    if config.routing_scope != "block":
+def routing_groups(
+    model: nn.Module, targets: list[tuple[str, nn.Module]], config: MoLoRAConfig
+) -> dict[str, tuple[str, str]]:
+    """{module name: (group key, owner)} for the modules that share a router: routing_scope='block', the adapted
+    children of one parent; 'input', the children of one parent that match one `input_groups` entry (never
+    cross-attention, whose siblings read different tensors). The owner is the group's first module, which routes
+    for all of them; a group of one routes itself. Every module of a group must have the same number of experts."""
+    if config.routing_scope == "module":
         return {}
-    owners: dict[str, str] = {}
-    first: dict[str, str] = {}
+    members: dict[str, list[str]] = {}
     for name, _ in targets:
-        block = name.rpartition(".")[0]
-        owner = first.setdefault(block, name)
-        if config.experts_for(name) != config.experts_for(owner):
-            raise ValueError(
-                f"routing_scope='block': {name} has {config.experts_for(name)} experts but {owner}, which routes "
-                f"block {block!r}, has {config.experts_for(owner)}; the modules of a block share one routing decision"
-            )
-        owners[name] = owner
-    return owners
+        parent, _, child = name.rpartition(".")
+        if config.routing_scope == "block":
+            key = parent
+        else:
+            entry = next((g for g in config.input_groups if re.fullmatch(g, child)), None)
+            if entry is None or _role(model, name) == "cross":
+                continue
+            key = f"{parent}:{entry}"
+        members.setdefault(key, []).append(name)
+    groups: dict[str, tuple[str, str]] = {}
+    for key, names in members.items():
+        if len(names) < 2:
+            continue
+        owner = names[0]
+        for name in names:
+            if config.experts_for(name) != config.experts_for(owner):
+                raise ValueError(
+                    f"routing_scope={config.routing_scope!r}: {name} has {config.experts_for(name)} experts but "
+                    f"{owner}, which routes its group {key!r}, has {config.experts_for(owner)}; the modules of a "
+                    "group share one routing decision"
+                )
+            groups[name] = (key, owner)
+    return groups
 
 
 def molora_layers(model: nn.Module) -> list[tuple[str, MoLoRALinear]]:

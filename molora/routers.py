@@ -7,6 +7,7 @@ state) to a RouterOutput whose tensors are [B, L, E] and always fp32, whatever t
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -19,7 +20,7 @@ from torch import nn
 class RouterOutput:
     logits: torch.Tensor  # [B, L, E] fp32, temperature applied (z-loss reads these)
     probs: torch.Tensor  # [B, L, E] full softmax (balance losses read these)
-    weights: torch.Tensor  # [B, L, E] mixture weights, zero outside the selection
+    gates: torch.Tensor  # [B, L, E] the mixture's gates, zero outside the selection
     indices: torch.Tensor | None  # [B, L, k] selected experts; None for dense routing
     task_ids: torch.Tensor | None = None  # [B] the task of each sequence, when given (task-aware aux losses read it)
     # Quantities derived from this output that several aux losses share (see molora.losses).
@@ -36,8 +37,7 @@ class RouterInputs:
 
 
 ROUTERS: dict[str, type[Router]] = {}
-# Routers whose top_k has a default; the others are dense unless top_k is given.
-SPARSE_DEFAULT_TOP_K = {"topk": 2, "switch": 1}
+INTUITION_POOLINGS = ("causal", "prompt", "mean")
 
 
 def register_router(name: str):
@@ -50,8 +50,8 @@ def register_router(name: str):
 
 
 def softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the expert dim. On CPU, the kernel reducing a non-last dim is ~4x faster for a handful of
-    experts (bench: [8, 512, 8] fwd+bwd 0.08 ms vs 0.37 ms), so it runs on the transposed view there."""
+    """Softmax over the expert dim. On CPU, the kernel reducing a non-last dim is faster for a handful of experts
+    (timed in bench/micro.py), so it runs on the transposed view there."""
     if logits.device.type == "cpu" and logits.dim() >= 2:
         return logits.transpose(-1, -2).softmax(dim=-2).transpose(-1, -2)
     return logits.softmax(dim=-1)
@@ -65,19 +65,64 @@ def broadcast(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 def select_experts(
     probs: torch.Tensor, top_k: int | None, renormalize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dense weights when top_k is None; otherwise the top-k probabilities, zero elsewhere."""
+    """Dense gates (the probabilities) when top_k is None; otherwise the top-k probabilities, zero elsewhere."""
     if top_k is None:
         return probs, None
     top_probs, indices = probs.topk(top_k, dim=-1)
     if renormalize:
         top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
-    weights = torch.zeros_like(probs).scatter(-1, indices, top_probs)
-    return weights, indices
+    gates = torch.zeros_like(probs).scatter(-1, indices, top_probs)
+    return gates, indices
 
 
 class Router(nn.Module):
+    """The base of every router. What a router needs and allows is declared here, on its class: the config, the
+    patcher, the layer and the model ask the class (never compare router names), so a router registered from outside
+    takes part in validation, merging, decoding and training like a built-in one."""
+
     name: ClassVar[str] = ""
     renormalize: ClassVar[bool] = True
+    default_top_k: ClassVar[int | None] = None  # top_k when the config gives none; None: dense
+    needs_task_ids: ClassVar[bool] = False  # forward()/generate() need task_ids, the config needs num_tasks
+    mergeable_per_task: ClassVar[bool] = False  # one gate per task: merge_and_unload(task_id=...) reproduces it
+    shareable: ClassVar[bool] = True  # one instance may route several modules (routing_scope "input"/"block")
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Raise ValueError for a MoLoRAConfig this router cannot run; fill in its defaults (top_k)."""
+        from molora.config import _check_number  # config sits below the routers; imported late to keep it so
+
+        if cls.needs_task_ids and config.num_tasks is None:
+            raise ValueError(f"num_tasks is required for router={cls.name!r}")
+        if config.top_k is None:
+            config.top_k = cls.default_top_k
+        if config.top_k is None:
+            return
+        _check_number("top_k", config.top_k, minimum=1, kind=int)
+        # a module with fewer experts than top_k uses all of them (plain LoRA beside routed modules: MixLoRA)
+        counts = config.num_experts
+        largest = max(counts.values()) if isinstance(counts, dict) else counts
+        if config.top_k > largest:
+            raise ValueError(f"top_k={config.top_k} is larger than num_experts={largest}")
+
+    @classmethod
+    def config_warnings(cls, config: Any) -> list[str]:
+        """Options of a valid config that this router ignores, said once when the config is made."""
+        return []
+
+    @classmethod
+    def role_options(cls, config: Any, role: str) -> dict[str, Any]:
+        """Constructor options for a module in `role` ("self", "encoder", "decoder", "cross")."""
+        return {}
+
+    @classmethod
+    def check_generation(cls, config: Any, *, encoder_decoder: bool, beams: int) -> None:
+        """Raise (or warn) before generate() when cached decoding cannot reproduce this router's routing."""
+
+    @classmethod
+    def wants_prompt_mask(cls, config: Any) -> bool:
+        """generate() derives prompt_mask from the attention mask when none is given."""
+        return False
 
     def __init__(
         self,
@@ -146,13 +191,13 @@ class Router(nn.Module):
             if self.temperature != 1.0:
                 logits = logits / self.temperature
             probs = softmax(logits)
-            weights, indices = select_experts(probs, self.top_k, self.renormalize)
+            gates, indices = select_experts(probs, self.top_k, self.renormalize)
             shape = (*x.shape[:-1], self.num_experts)  # per-sequence gates stay broadcast views (no copies)
         probs = broadcast(probs, shape)
         return RouterOutput(
             logits=broadcast(logits, shape),
             probs=probs,
-            weights=probs if indices is None else broadcast(weights, shape),
+            gates=probs if indices is None else broadcast(gates, shape),
             indices=None if indices is None else broadcast(indices, (*shape[:-1], indices.shape[-1])),
             task_ids=inputs.task_ids,
         )
@@ -183,10 +228,20 @@ class SoftmaxRouter(LinearRouter):
         kwargs["top_k"] = None
         super().__init__(in_features, num_experts, **kwargs)
 
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        pass  # dense: top_k is ignored (config_warnings says so)
+
+    @classmethod
+    def config_warnings(cls, config: Any) -> list[str]:
+        return ["top_k is ignored by router='softmax' (dense); use router='topk'"] if config.top_k is not None else []
+
 
 @register_router("topk")
 class TopKRouter(LinearRouter):
-    """The k most probable experts per token, weights renormalised to sum to 1."""
+    """The k most probable experts per token, gates renormalised to sum to 1."""
+
+    default_top_k = 2
 
 
 @register_router("switch")
@@ -194,10 +249,17 @@ class SwitchRouter(LinearRouter):
     """Top-1; the weight is the router probability (Switch Transformer), so the gate still gets gradient."""
 
     renormalize = False
+    default_top_k = 1
 
     def __init__(self, in_features: int, num_experts: int, **kwargs: Any):
         kwargs["top_k"] = 1
         super().__init__(in_features, num_experts, **kwargs)
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        super().check_config(config)
+        if config.top_k != 1:
+            raise ValueError(f"top_k must be 1 (or None) for router='switch', got {config.top_k}")
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,14 +287,13 @@ class IntuitionRouter(Router):
         **kwargs: Any,
     ):
         super().__init__(in_features, num_experts, **kwargs)
-        if pooling not in ("causal", "prompt", "mean"):
-            raise ValueError(f"pooling must be 'causal', 'prompt' or 'mean', got {pooling!r}")
+        if pooling not in INTUITION_POOLINGS:
+            raise ValueError(f"pooling must be one of {INTUITION_POOLINGS}, got {pooling!r}")
         if hidden is not None and hidden < 2:
             raise ValueError(f"intuition hidden width must be >= 2 (LayerNorm over one unit is constant), got {hidden}")
         self.pooling = pooling
         # The MLP only has to separate E gates: a width of 2E (at least 16; LayerNorm over a tiny width flattens the
-        # gate) matched d_in/8 in the router ablation (SmolLM2, E=4: 1.862 vs 1.854 mean eval loss) at a fraction
-        # of the cost, since the MLP runs on every token.
+        # gate) costs a fraction of d_in/8, since the MLP runs on every token; the ablation sets it per row.
         hidden = hidden or max(16, 2 * num_experts)
         self.mlp = nn.Sequential(
             nn.Linear(in_features, hidden, dtype=torch.float32),
@@ -241,11 +302,37 @@ class IntuitionRouter(Router):
             nn.Linear(hidden, num_experts, dtype=torch.float32),
         )
 
+    # A decoder's self-attention pools causally whatever the config says; cross-attention reads the whole encoder.
+    POOLING_BY_ROLE: ClassVar[dict[str, str]] = {"decoder": "causal", "cross": "mean"}
+
     @classmethod
     def from_config(cls, in_features: int, num_experts: int, config: Any, **overrides: Any) -> Router:
         overrides.setdefault("pooling", config.intuition_pooling)
         overrides.setdefault("hidden", config.intuition_hidden)
         return super().from_config(in_features, num_experts, config, **overrides)
+
+    @classmethod
+    def role_options(cls, config: Any, role: str) -> dict[str, Any]:
+        return {"pooling": cls.POOLING_BY_ROLE[role]} if role in cls.POOLING_BY_ROLE else {}
+
+    @classmethod
+    def wants_prompt_mask(cls, config: Any) -> bool:
+        return config.intuition_pooling == "prompt"
+
+    @classmethod
+    def check_generation(cls, config: Any, *, encoder_decoder: bool, beams: int) -> None:
+        if config.intuition_pooling == "mean" and not encoder_decoder:
+            warnings.warn(
+                "intuition_pooling='mean' lets every token see the whole sequence, so cached generation differs "
+                "from uncached; use 'causal' or 'prompt' for decoders",
+                stacklevel=4,
+            )
+        running_state = encoder_decoder or config.intuition_pooling != "prompt"
+        if beams > 1 and running_state:
+            raise NotImplementedError(
+                "beam search reorders the KV cache but not the intuition router's running pooled state; use greedy "
+                "or sampling, or intuition_pooling='prompt'"
+            )
 
     def input_projection(self) -> torch.Tensor:
         return self.mlp[0].weight
@@ -305,6 +392,9 @@ class IntuitionRouter(Router):
 @register_router("task")
 class TaskRouter(Router):
     """MOELoRA-style: the gate comes from a learned embedding of the task id, one per sequence."""
+
+    needs_task_ids = True
+    mergeable_per_task = True
 
     def __init__(self, in_features: int, num_experts: int, *, num_tasks: int, **kwargs: Any):
         super().__init__(in_features, num_experts, **kwargs)

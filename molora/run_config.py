@@ -15,6 +15,7 @@ import yaml
 
 from molora.config import MoLoRAConfig
 from molora.data import DataConfig
+from molora.routers import ROUTERS
 
 ADAPTERS = ("molora", "peft-lora", "none")
 
@@ -101,7 +102,9 @@ class RunConfig:
             raise ValueError(f"a run config is a mapping with sections {list(SECTIONS)}, got {type(data).__name__}")
         check_keys(data)
         molora = dict(data.get("molora") or {})
-        if molora.get("router") == "task" and molora.get("num_tasks") is None:  # one task per domain
+        name = molora.get("router", MoLoRAConfig.router)
+        router = ROUTERS.get(name) if isinstance(name, str) else None  # MoLoRAConfig names a bad value below
+        if router is not None and router.needs_task_ids and molora.get("num_tasks") is None:  # one task per domain
             domains = (data.get("data") or {}).get("domains") or DataConfig().domains
             molora["num_tasks"] = len([domains] if isinstance(domains, str) else domains)
             data = {**data, "molora": molora}
@@ -175,3 +178,12 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     except yaml.YAMLError as err:
         raise ValueError(f"config file {path} is not valid YAML: {err}") from None
     return RunConfig.from_dict(apply_overrides(data, overrides or []))
+
+
+def read_as_current(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run config (a checkpoint's) as this version reads it: a field added since it was written takes its
+    default, which keeps the behaviour of the version that wrote it, so an upgrade does not block --resume."""
+    try:
+        return RunConfig.from_dict(saved).to_dict()
+    except (ValueError, TypeError):  # a config this version cannot read: compared as saved, keys named
+        return saved

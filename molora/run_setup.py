@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from molora.config import WEIGHTS_NAME
 from molora.model import MoLoRAModel, get_molora_model
 from molora.run_config import RunConfig
 
@@ -71,7 +72,7 @@ def build_model(base: nn.Module, config: RunConfig) -> nn.Module:
 def load_adapter_weights(model: nn.Module, directory: Path) -> None:
     from safetensors.torch import load_file
 
-    state = load_file(str(directory / "adapter_model.safetensors"))
+    state = load_file(str(directory / WEIGHTS_NAME))
     if isinstance(model, MoLoRAModel):
         model.load_adapter_state_dict(state)
     else:

@@ -38,7 +38,7 @@ from molora.data import MultiDomainData
 from molora.evaluation import CollapseAlarm, evaluate, peak_memory_mb, to_device, write_summary
 from molora.inspect import RoutingRecorder, health_summary, write_report
 from molora.model import MoLoRAModel
-from molora.run_config import RunConfig
+from molora.run_config import RunConfig, read_as_current
 from molora.run_setup import build_model, load_adapter_weights, lr_factor, make_optimizer, setup_distributed
 from molora.utils import atomic_write, atomic_write_text
 
@@ -148,7 +148,7 @@ def resume_from_checkpoint(run: Run) -> Progress:
         run.say(f"resume: skipped {folder.name}: {why}")
     saved = point.state.get("config")
     if saved is not None:
-        differing = config_differences(saved, run.config.to_dict())
+        differing = config_differences(read_as_current(saved), run.config.to_dict())
         if differing:
             changes = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differing)
             raise ValueError(

@@ -141,6 +141,14 @@ def task_ids_for(router: str, batch: int = 2) -> torch.Tensor | None:
     return torch.arange(batch) % NUM_TASKS if router == "task" else None
 
 
+def cache_kwarg(model, cache) -> dict:
+    """The KV cache keyword the base model's forward takes: transformers 5.24 renamed past_key_values to cache."""
+    import inspect
+
+    base = getattr(model, "base_model", model)
+    return {"cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values": cache}
+
+
 def randomize_experts(model) -> None:
     """Give every expert and router tensor random values (so the adapter is not a no-op)."""
     torch.manual_seed(123)

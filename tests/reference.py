@@ -7,7 +7,7 @@ import torch
 from molora.experts import Experts, LoRAExperts, Rank1Experts
 
 
-def loop_delta(experts: Experts, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def loop_delta(experts: Experts, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(x.shape[0], experts.out_features, dtype=x.dtype)
     for e in range(experts.num_experts):
         if isinstance(experts, LoRAExperts):
@@ -16,5 +16,5 @@ def loop_delta(experts: Experts, x: torch.Tensor, weights: torch.Tensor) -> torc
             expert_out = (x @ experts.u[e]).unsqueeze(-1) * experts.v[e]
         else:
             raise TypeError(type(experts))
-        out = out + weights[:, e : e + 1] * expert_out
+        out = out + gates[:, e : e + 1] * expert_out
     return out

@@ -24,7 +24,7 @@ from molora.context import RoutingContext, routing_context
 from molora.data import DataConfig, load_records, read_user_files, tokenize_split
 from molora.layer import MoLoRALinear
 from molora.model import MoLoRAModel
-from tests.conftest import TARGETS, build_base, make_batch, molora_config, outputs_of, randomize_experts
+from tests.conftest import TARGETS, build_base, cache_kwarg, make_batch, molora_config, outputs_of, randomize_experts
 from tests.tiny import save_tiny_model, tiny_run_config, write_toy_domains
 
 # Adapters that do not fit ---------------------------------------------------------------------------------------
@@ -323,8 +323,8 @@ def test_a_prompt_mask_may_cover_the_cached_tokens_in_a_decoding_step():
         out = model(**batch, prompt_mask=torch.ones(2, 9), use_cache=True)
         step = {"input_ids": batch["input_ids"][:, :1], "attention_mask": torch.ones(2, 10, dtype=torch.long)}
         with pytest.raises(ValueError, match=r"= \[2, 1 or 10\] like input_ids, got \[2, 9\]"):
-            model(**step, past_key_values=out.past_key_values, prompt_mask=torch.ones(2, 9))
-        model(**step, past_key_values=out.past_key_values, prompt_mask=torch.ones(2, 10))  # (extends the cache)
+            model(**step, **cache_kwarg(model, out.past_key_values), prompt_mask=torch.ones(2, 9))
+        model(**step, **cache_kwarg(model, out.past_key_values), prompt_mask=torch.ones(2, 10))  # (extends the cache)
 
 
 def test_the_layers_alone_accept_a_short_batch_and_truncate_floats_so_the_batch_tests_can_fail():

@@ -42,7 +42,7 @@ def test_a_block_forward_matches_one_routing_decision_applied_to_every_module(ro
     with routing_context(RoutingContext()):
         out = mlp(x)
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-    weights = gate.router(x).weights.reshape(-1, 4) * gate.gate_multiplier
+    weights = gate.router(x).gates.reshape(-1, 4) * gate.gate_multiplier
     flat = x.reshape(-1, 32)
 
     def adapted(layer, inputs):

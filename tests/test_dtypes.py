@@ -38,7 +38,7 @@ def _run(model, router: str, batch: dict) -> torch.Tensor:
 
 
 def _assert_fp32_route(route: RouterOutput, name: str) -> None:
-    for tensor in (route.logits, route.probs, route.weights):
+    for tensor in (route.logits, route.probs, route.gates):
         assert tensor.dtype == torch.float32 and torch.isfinite(tensor).all(), name
     assert torch.allclose(route.probs.sum(-1), torch.ones(()), atol=1e-5), name
 
@@ -129,7 +129,7 @@ def test_topk_selection_on_bf16_inputs_agrees_with_fp32(name, k, seed):
     separated, change = _separated(reference, rounded, k)
     assert separated.float().mean() >= 0.8  # a well-separated input: most tokens are compared
     assert _same_selection(reference, rounded)[separated].all()
-    drift = (rounded.weights - reference.weights).abs().amax(-1)
+    drift = (rounded.gates - reference.gates).abs().amax(-1)
     assert (drift[separated] <= change[separated] + 1e-6).all()
 
 

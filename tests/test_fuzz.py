@@ -17,10 +17,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from molora import MoLoRAConfig, MoLoRALinear, get_molora_model
-from molora.config import DISPATCHES, EXPERT_TYPES, INTUITION_POOLINGS, MIN_ROUTER_TEMPERATURE
+from molora.config import DISPATCHES, MIN_ROUTER_TEMPERATURE, ROUTING_SCOPES
+from molora.experts import EXPERTS
 from molora.losses import AUX_LOSSES
 from molora.patcher import SUPPORTED_TYPES
-from molora.routers import ROUTERS
+from molora.routers import INTUITION_POOLINGS, ROUTERS
 from tests.conftest import build_base, make_batch, outputs_of
 
 FUZZ = settings(
@@ -109,7 +110,7 @@ def valid_kwargs(draw, arch: str, router: str | None = None) -> dict:
         target_modules=target_modules,
         exclude_modules=exclude_modules,
         num_experts=num_experts,
-        expert_type=draw(st.sampled_from(EXPERT_TYPES)),
+        expert_type=draw(st.sampled_from(sorted(EXPERTS))),
         rank=draw(st.integers(1, 8)),
         # practical ranges: alpha = 5e-324 (a zero scaling in fp32) and temperature = 5e-324 are now refused
         alpha=draw(st.floats(1e-3, 1e3)),
@@ -127,6 +128,8 @@ def valid_kwargs(draw, arch: str, router: str | None = None) -> dict:
         num_tasks=draw(st.integers(1, 4)) if router == "task" else None,
         aux_losses=draw(st.dictionaries(st.sampled_from(sorted(AUX_LOSSES)), st.floats(0, 1), max_size=4)),
         layers_to_transform=layers,
+        # a group shares one routing decision, so its modules need one expert count
+        routing_scope=draw(st.sampled_from(ROUTING_SCOPES)) if isinstance(num_experts, int) else "module",
     )
     first_leaf_name = _leaf(first)
 
@@ -391,7 +394,7 @@ def test_every_bad_value_of_the_tables_is_refused_in_both_modes():
 def test_every_router_and_expert_type_is_fuzzed():
     """The strategies read the registries; this fails if a built-in went missing from them."""
     assert {"softmax", "topk", "switch", "intuition", "task"} <= set(ROUTER_NAMES)
-    assert set(EXPERT_TYPES) == {"lora", "rank1"}
+    assert set(EXPERTS) == {"lora", "rank1"}
 
 
 def test_injection_revalidates_a_config_changed_after_construction():

@@ -162,9 +162,7 @@ def test_global_batch_balance_uses_the_routed_fraction_of_the_whole_window(route
             expected = 4 * (fraction * mean_probs).sum()
             assert terms[name]["balance"].item() == pytest.approx(expected.item(), rel=1e-5)
             if step > 0:  # the can-fail side: the micro-batch alone gives another number
-                alone = AUX_LOSSES["balance"](
-                    RouterOutput(route.logits, route.probs, route.weights, route.indices), mask
-                )
+                alone = AUX_LOSSES["balance"](RouterOutput(route.logits, route.probs, route.gates, route.indices), mask)
                 assert abs(alone.item() - expected.item()) > 1e-4
     model.eval()
     model(**make_batch(seed=9))

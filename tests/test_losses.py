@@ -102,8 +102,8 @@ def test_balance_properties_for_any_routing(tokens, num_experts, top_k, scale, s
     assert z_loss(route).item() >= 0
     assert -math.log(num_experts) - 1e-5 <= entropy_loss(route).item() <= 1e-6
     if top_k is not None:
-        assert ((route.weights > 0).sum(-1) <= top_k).all()
-        assert torch.allclose(route.weights.sum(-1), torch.ones(1, tokens), atol=1e-5)
+        assert ((route.gates > 0).sum(-1) <= top_k).all()
+        assert torch.allclose(route.gates.sum(-1), torch.ones(1, tokens), atol=1e-5)
 
 
 @pytest.mark.parametrize("top_k", [None, 2])

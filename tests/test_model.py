@@ -17,6 +17,7 @@ from tests.conftest import (
     ROUTERS,
     TARGETS,
     build_base,
+    cache_kwarg,
     make_batch,
     molora_config,
     outputs_of,
@@ -222,13 +223,13 @@ def test_cached_decoding_outside_a_session_is_refused_for_the_intuition_router()
         step = dict(
             input_ids=ids[:, -1:],
             attention_mask=torch.cat([mask, mask[:, -1:]], 1),
-            past_key_values=out.past_key_values,
+            **cache_kwarg(model, out.past_key_values),
         )
         with pytest.raises(RuntimeError, match="decoding_session"):
             model(**step)
         with model.decoding_session():
             first = model(input_ids=ids, attention_mask=mask, use_cache=True)
-            model(**step | {"past_key_values": first.past_key_values})
+            model(**step | cache_kwarg(model, first.past_key_values))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -360,9 +361,9 @@ def test_sparse_routers_select_k_experts_for_every_token_inside_the_model(router
         _run(model, router)
     assert len(seen) == len(_layers(model))
     for out in seen:
-        assert ((out.weights > 0).sum(-1) == k).all()
+        assert ((out.gates > 0).sum(-1) == k).all()
         expected_sum = 1.0 if router == "topk" else out.probs.max(-1).values
-        assert torch.allclose(out.weights.sum(-1), torch.as_tensor(expected_sum).expand_as(out.weights[..., 0]))
+        assert torch.allclose(out.gates.sum(-1), torch.as_tensor(expected_sum).expand_as(out.gates[..., 0]))
 
 
 def test_dropout_touches_only_the_expert_path_and_only_in_training():

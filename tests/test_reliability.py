@@ -25,12 +25,13 @@ from molora.checkpoint import (
     RunInUseError,
     RunLock,
     checkpoint_folders,
+    config_differences,
     latest_good_checkpoint,
     save_checkpoint,
     verify_checkpoint,
 )
 from molora.cli import train_main
-from molora.run_config import RunConfig
+from molora.run_config import RunConfig, read_as_current
 from molora.training import train
 from tests.tiny import save_tiny_model, tiny_run_config, write_toy_domains
 
@@ -135,6 +136,18 @@ def test_a_resume_with_a_different_config_is_refused_naming_the_keys(spec, tmp_p
     assert train(RunConfig.from_dict(longer), tmp_path / "run", resume=True)["steps"] == STEPS + 2
 
 
+def test_a_checkpoint_written_before_a_config_field_existed_resumes(spec, tmp_path):
+    current = RunConfig.from_dict(spec).to_dict()
+    older = {name: dict(section) for name, section in current.items()}
+    del older["molora"]["input_groups"]  # as a checkpoint written before routing_scope='input' existed
+    assert config_differences(read_as_current(older), current) == []
+    # the guard matters: compared as saved, the missing field reads as a change and blocks the resume
+    assert [key for key, _, _ in config_differences(older, current)] == ["molora.input_groups"]
+    # a field the checkpoint does have keeps counting
+    older["molora"]["rank"] = current["molora"]["rank"] + 1
+    assert [key for key, _, _ in config_differences(read_as_current(older), current)] == ["molora.rank"]
+
+
 # Checkpoint integrity ------------------------------------------------------------------------------------------------
 def _two_checkpoints(spec: dict, run: Path) -> list[Path]:
     train(RunConfig.from_dict({**spec, "train": {**spec["train"], "stop_after": 8}}), run)
@@ -229,9 +242,7 @@ def _poison_router(monkeypatch, at_forwards: set[int]) -> None:
             calls["n"] += 1
             if calls["n"] in at_forwards:
                 nan = float("nan")
-                return dataclasses.replace(
-                    out, logits=out.logits * nan, probs=out.probs * nan, weights=out.weights * nan
-                )
+                return dataclasses.replace(out, logits=out.logits * nan, probs=out.probs * nan, gates=out.gates * nan)
             return out
 
         router.register_forward_hook(hook)

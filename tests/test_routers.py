@@ -9,7 +9,7 @@ def test_softmax_router_matches_hand_computation():
     x = torch.randn(2, 3, 6)
     out = router(x)
     expected = (x @ router.gate.weight.T / 2.0).softmax(-1)
-    assert torch.allclose(out.weights, expected, atol=1e-6) and torch.allclose(out.probs, expected, atol=1e-6)
+    assert torch.allclose(out.gates, expected, atol=1e-6) and torch.allclose(out.probs, expected, atol=1e-6)
     assert out.indices is None
 
 
@@ -17,20 +17,20 @@ def test_softmax_router_matches_hand_computation():
 def test_topk_has_exactly_k_weights_summing_to_one(k):
     router = TopKRouter(6, 5, top_k=k)
     out = router(torch.randn(3, 7, 6))
-    assert ((out.weights > 0).sum(-1) == k).all()
-    assert torch.allclose(out.weights.sum(-1), torch.ones(3, 7))
+    assert ((out.gates > 0).sum(-1) == k).all()
+    assert torch.allclose(out.gates.sum(-1), torch.ones(3, 7))
     # the selected experts are the k most probable, in the same proportions as their probabilities
     top = out.probs.topk(k, dim=-1)
     assert torch.equal(out.indices, top.indices)
-    chosen = out.weights.gather(-1, out.indices)
+    chosen = out.gates.gather(-1, out.indices)
     assert torch.allclose(chosen, top.values / top.values.sum(-1, keepdim=True), atol=1e-6)
 
 
 def test_switch_routes_to_one_expert_with_its_probability():
     router = SwitchRouter(6, 5)
     out = router(torch.randn(3, 7, 6))
-    assert ((out.weights > 0).sum(-1) == 1).all()
-    assert torch.allclose(out.weights.sum(-1), out.probs.max(-1).values)
+    assert ((out.gates > 0).sum(-1) == 1).all()
+    assert torch.allclose(out.gates.sum(-1), out.probs.max(-1).values)
 
 
 @pytest.mark.parametrize("name", sorted(ROUTERS))
@@ -40,7 +40,7 @@ def test_router_outputs_are_fp32_for_bf16_inputs_and_under_autocast(name):
     inputs = RouterInputs(task_ids=torch.tensor([0, 1]))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = router(x, inputs)
-    for tensor in (out.logits, out.probs, out.weights):
+    for tensor in (out.logits, out.probs, out.gates):
         assert tensor.dtype == torch.float32 and tensor.shape == (2, 5, 4)
 
 
@@ -105,8 +105,8 @@ def test_task_router_uses_the_task_embedding_and_requires_task_ids():
     router = TaskRouter(6, 4, num_tasks=3)
     out = router(torch.randn(2, 5, 6), RouterInputs(task_ids=torch.tensor([2, 0])))
     expected = router.task_embedding.weight[[2, 0]].softmax(-1)
-    assert torch.allclose(out.weights, expected.unsqueeze(1).expand(2, 5, 4))
+    assert torch.allclose(out.gates, expected.unsqueeze(1).expand(2, 5, 4))
     with pytest.raises(ValueError, match="task_ids"):
         router(torch.randn(2, 5, 6))
     topk = TaskRouter(6, 4, num_tasks=3, top_k=2)(torch.randn(2, 5, 6), RouterInputs(task_ids=torch.tensor([1, 1])))
-    assert ((topk.weights > 0).sum(-1) == 2).all()
+    assert ((topk.gates > 0).sum(-1) == 2).all()
