@@ -40,7 +40,7 @@ from molora.run_config import RunConfig, check_keys
 from molora.utils import atomic_write_text
 
 SECTION_KEYS = ("rows", "quick", "seeds", "quick_seeds", "baseline", "match")
-ROW_KEYS = ("name", "grid", "allow_unmatched", "model", "data", "molora", "train")
+ROW_KEYS = ("name", "grid", "allow_unmatched", "compare_to", "model", "data", "molora", "train")
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -70,6 +70,7 @@ class Row:
     spec: dict[str, Any]  # the full run config of the row (grid point not applied)
     grid: dict[str, list[Any]] = field(default_factory=dict)
     allow_unmatched: bool = False
+    compare_to: str | None = None  # the row this one changes one lever of: its effect is reported paired by seed
 
     @property
     def trains(self) -> bool:
@@ -124,10 +125,11 @@ def load_ablation(path: str | Path, quick: bool = False, seeds: int | None = Non
         if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
             raise ValueError(f"{path}: row {name!r}: grid must map section.key to a non-empty list, got {grid!r}")
         allow = bool(raw.pop("allow_unmatched", False))
+        compare_to = raw.pop("compare_to", None)
         merged = deep_merge(spec, raw)
         if quick:
             merged = deep_merge(merged, section.get("quick") or {})
-        row = Row(name, merged, grid, allow)
+        row = Row(name, merged, grid, allow, compare_to)
         for _, variant in row.variants():
             check_keys(variant)
             RunConfig.from_dict(variant)  # every value valid before the first run starts
@@ -143,6 +145,11 @@ def load_ablation(path: str | Path, quick: bool = False, seeds: int | None = Non
     for what, value in (("baseline", baseline), ("match.reference", reference)):
         if value is not None and value not in names:
             raise ValueError(f"{path}: {what} {value!r} is not a row; rows: {names}")
+    for row in rows:
+        if row.compare_to is not None and (row.compare_to not in names or row.compare_to == row.name):
+            raise ValueError(
+                f"{path}: row {row.name!r}: compare_to {row.compare_to!r} is not another row; rows: {names}"
+            )
     return Ablation(rows, list(range(count)), baseline, reference, float(match.get("tolerance", 0.02)))
 
 

@@ -87,8 +87,29 @@ def summarise(ablation: Ablation, results: list[dict], counts: dict[str, int]) -
         for key in ("routing_mi", "dead_experts", "step_s", "peak_mem_mb"):
             found = [r[key] for r in runs.values() if r.get(key) is not None]
             entry[key] = sum(found) / len(found) if found else None
+        entry["verdict"] = verdict(entry["d_loss"], entry["d_domain"]) if compared else None
+        if row.compare_to is not None:
+            parent = by_seed(results, chosen.get(row.compare_to))
+            routing_mi = lambda r: r.get("routing_mi")  # noqa: E731
+            entry["lever"] = {
+                "parent": row.compare_to,
+                **{
+                    key: paired_interval(values(fn), values(fn, parent))
+                    for key, fn in (("d_val", val_loss), ("d_loss", mean_loss), ("d_mi", routing_mi))
+                },
+            }
         summary.append(entry)
     return summary
+
+
+def verdict(d_loss: Interval | None, d_domain: dict[str, Interval | None]) -> str | None:
+    """The README's rule: "beats" when the paired Δ of the mean loss lies wholly below zero and no domain is worse
+    beyond its own interval; "worse" when that Δ lies wholly above zero; "tie" otherwise; None without intervals."""
+    if d_loss is None or d_loss.half_width is None:
+        return None
+    if d_loss.high < 0 and not any(d is not None and d.low is not None and d.low > 0 for d in d_domain.values()):
+        return "beats"
+    return "worse" if d_loss.low > 0 else "tie"
 
 
 def _fmt(value: Any, signed: bool = False) -> str:
@@ -150,8 +171,8 @@ def markdown(ablation: Ablation, summary: list[dict], results: list[dict], comma
         "| row | chosen | params | seeds | val loss | eval loss | Δ loss | token acc | "
         + " | ".join(f"{k.split('/')[1]} acc | Δ {k.split('/')[1]} acc" for k in label_keys)
         + (" | " if label_keys else "")
-        + "routing_mi | dead | step_s |",
-        "|" + "---|" * (11 + 2 * len(label_keys)),
+        + "routing_mi | dead | step_s | verdict |",
+        "|" + "---|" * (12 + 2 * len(label_keys)),
     ]
     for e in summary:
         params = _fmt(e["params"]) + ("" if e["params_ratio"] is None else f" ({e['params_ratio']:.3f})")
@@ -159,13 +180,21 @@ def markdown(ablation: Ablation, summary: list[dict], results: list[dict], comma
         cells += [_fmt(e.get("val_loss")), _fmt(e.get("loss")), _fmt(e.get("d_loss"), True), _fmt(e.get("token_acc"))]
         for key in label_keys:
             cells += [_fmt(e.get(key)), _fmt(e.get("d_" + key), True)]
-        cells += [_fmt(e.get("routing_mi")), _fmt(e.get("dead_experts")), _fmt(e.get("step_s"))]
+        cells += [_fmt(e.get("routing_mi")), _fmt(e.get("dead_experts")), _fmt(e.get("step_s")), _fmt(e.get("verdict"))]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"## Per domain: Δ eval loss to `{base}` (mean ± 95 % interval)", ""]
     lines += ["| row | " + " | ".join(domains) + " |", "|" + "---|" * (len(domains) + 1)]
     for e in summary:
         if e.get("d_domain"):
             lines.append(f"| {e['row']} | " + " | ".join(_fmt(e["d_domain"].get(d), True) for d in domains) + " |")
+    levers = [e for e in summary if e.get("lever")]
+    if levers:
+        lines += ["", "## Levers: each row against the row it changes (Δ = row - that row, paired by seed)", ""]
+        lines += ["| row | against | Δ val loss | Δ eval loss | Δ routing_mi |", "|---|---|---|---|---|"]
+        for e in levers:
+            lever = e["lever"]
+            cells = [e["row"], lever["parent"]] + [_fmt(lever[k], True) for k in ("d_val", "d_loss", "d_mi")]
+            lines.append("| " + " | ".join(cells) + " |")
     grid_rows = [row for row in ablation.rows if row.grid]
     if grid_rows:
         lines += ["", "## Grid choices (validation loss, first seed)", "", "| variant | val loss | eval loss |"]

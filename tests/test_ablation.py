@@ -6,9 +6,9 @@ import yaml
 
 from molora import training
 from molora.ablation import load_ablation, run_ablation
-from molora.ablation_report import summarise
+from molora.ablation_report import summarise, verdict
 from molora.cli import ablate_main, inspect_main
-from molora.stats import mean_interval, paired_interval, t_quantile_975
+from molora.stats import Interval, mean_interval, paired_interval, t_quantile_975
 from tests.tiny import save_tiny_model, tiny_run_config, write_toy_domains
 
 
@@ -30,7 +30,7 @@ def tiny_spec(tmp_path_factory):
                 "grid": {"train.lr": [0.01, 0.02]},
             },
             {"name": "softmax", "molora": {"router": "softmax"}},
-            {"name": "task", "molora": {"router": "task", "mixture_scaling": "sum"}},
+            {"name": "task", "molora": {"router": "task", "mixture_scaling": "sum"}, "compare_to": "softmax"},
             {"name": "base-model", "model": {"adapter": "none"}},
             {"name": "diverges", "train": {"lr": 1.0e30}},
         ],
@@ -68,7 +68,13 @@ def test_every_row_runs_every_seed_grid_rows_choose_on_validation_and_reruns_ski
     assert summary["softmax"]["d_loss"].mean == pytest.approx(expected.mean)
     assert summary["softmax"]["d_loss"].half_width == pytest.approx(expected.half_width)
     assert summary["peft-lora"]["variant"] == best and summary["peft-lora"]["d_loss"] is None
+    task = by_seed_loss(results, "task")
+    lever = mean_interval([task[s] - softmax[s] for s in (0, 1)])  # the task lever, paired against its parent
+    assert summary["task"]["lever"]["parent"] == "softmax"
+    assert summary["task"]["lever"]["d_loss"].mean == pytest.approx(lever.mean)
+    assert summary["softmax"].get("lever") is None and summary["softmax"]["verdict"] in ("beats", "tie", "worse")
     table = (tmp_path / "out" / "ablation.md").read_text()
+    assert "## Levers" in table and "| task | softmax | " in table
     assert "Grid choices" in table and "diverges seed 0" in table and str(expected) in table
     with (tmp_path / "out" / "ablation.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == len(results)
@@ -101,6 +107,16 @@ def test_a_row_off_the_parameter_budget_is_refused_before_anything_runs(tiny_spe
     spec["ablation"]["quick_seeds"] = 1
     results = run_ablation(write(spec, tmp_path / "b.yaml"), tmp_path / "out", quick=True, inline=True)
     assert all(r["status"] == "ok" for r in results)
+
+
+def test_the_verdict_follows_the_readme_rule():
+    def interval(mean, half=0.01):
+        return Interval(mean, half, 3)
+
+    assert verdict(interval(-0.05), {"a": interval(-0.02), "b": interval(0.005)}) == "beats"  # b within its interval
+    assert verdict(interval(-0.05), {"a": interval(-0.08), "b": interval(0.03)}) == "tie"  # b worse beyond it
+    assert verdict(interval(-0.005), {}) == "tie" and verdict(interval(0.05), {}) == "worse"
+    assert verdict(Interval(-0.05, None, 1), {}) is None and verdict(None, {}) is None
 
 
 def test_paired_intervals_match_a_hand_computation():
@@ -149,4 +165,7 @@ def test_bad_ablation_configs(tmp_path):
         load_ablation(path)
     path.write_text(yaml.safe_dump({"ablation": {"baseline": "b", "rows": [{"name": "a"}]}}))
     with pytest.raises(ValueError, match="baseline 'b' is not a row"):
+        load_ablation(path)
+    path.write_text(yaml.safe_dump({"ablation": {"rows": [{"name": "a", "compare_to": "c"}, {"name": "b"}]}}))
+    with pytest.raises(ValueError, match="row 'a': compare_to 'c' is not another row"):
         load_ablation(path)
