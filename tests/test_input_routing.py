@@ -175,3 +175,14 @@ def test_bad_input_groups_are_refused():
         MoLoRAConfig(routing_scope="input", input_groups=["q_proj|("])
     with pytest.raises(ValueError, match="input_groups must be a list"):
         MoLoRAConfig(routing_scope="input", input_groups="q_proj|k_proj")
+
+
+def test_a_task_router_shared_per_input_merges_into_the_weights():
+    model = get_molora_model(build_base("llama"), config("task"))
+    randomize_experts(model)
+    model.eval()
+    batch = make_batch(batch=2)
+    with torch.no_grad():
+        expected = model(**batch, task_ids=[1, 1]).logits
+        merged = model.merge_and_unload(task_id=1)
+        assert torch.allclose(merged(**batch).logits, expected, atol=1e-4)
