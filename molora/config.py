@@ -138,11 +138,12 @@ class MoLoRAConfig:
 
         Injection calls it again: the fields are plain attributes, so a config can be changed after construction.
         """
-        # Imported here so that the registries (which users may extend) stay below the config in the dependency order.
-        from molora.experts import EXPERTS
-        from molora.losses import AUX_LOSSES
-        from molora.routers import INTUITION_POOLINGS, ROUTERS
+        self._validate_targets()
+        self._validate_experts()
+        self._validate_routing()
+        self._validate_losses_and_levers()
 
+    def _validate_targets(self) -> None:
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
             if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
@@ -163,6 +164,20 @@ class MoLoRAConfig:
             self._check_regex("exclude_modules", self.exclude_modules)
         elif self.exclude_modules is not None:
             raise ValueError(f"exclude_modules must be a list, a regex string or None, got {self.exclude_modules!r}")
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_to_transform is not None:
+            if not isinstance(self.layers_to_transform, (list, tuple)) or not self.layers_to_transform:
+                raise ValueError(
+                    f"layers_to_transform must be an int or a non-empty list, got {self.layers_to_transform!r}"
+                )
+            self.layers_to_transform = list(self.layers_to_transform)
+            for index in self.layers_to_transform:
+                _check_number("layers_to_transform", index, minimum=0, kind=int)
+
+    def _validate_experts(self) -> None:
+        # Imported here so that the registries (which users may extend) stay below the config in the dependency order.
+        from molora.experts import EXPERTS
 
         if isinstance(self.num_experts, dict):
             if not self.num_experts:
@@ -182,6 +197,17 @@ class MoLoRAConfig:
 
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora must be True or False, got {self.use_rslora!r}")
+        if not isinstance(self.init_lora_weights, bool):
+            raise ValueError(f"init_lora_weights must be True or False, got {self.init_lora_weights!r}")
+        _check_number("shared_experts", self.shared_experts, minimum=0, kind=int)
+        if not isinstance(self.share_lora_a, bool):
+            raise ValueError(f"share_lora_a must be True or False, got {self.share_lora_a!r}")
+        if self.share_lora_a and not EXPERTS[self.expert_type].can_share_input_side:
+            sharing = sorted(name for name, cls in EXPERTS.items() if cls.can_share_input_side)
+            raise ValueError(f"share_lora_a (HydraLoRA) needs expert_type in {sharing}, got {self.expert_type!r}")
+
+    def _validate_routing(self) -> None:
+        from molora.routers import INTUITION_POOLINGS, ROUTERS
 
         _check_choice("router", self.router, ROUTERS)
         _check_number("router_temperature", self.router_temperature, minimum=0, kind=float, strict=True)
@@ -198,37 +224,10 @@ class MoLoRAConfig:
         if self.num_tasks is not None:
             _check_number("num_tasks", self.num_tasks, minimum=1, kind=int)
         ROUTERS[self.router].check_config(self)  # after the fields it reads (num_experts, num_tasks) are checked
-
-        if not isinstance(self.aux_losses, dict):
-            raise ValueError(f"aux_losses must be a dict {{name: weight}}, got {self.aux_losses!r}")
-        for name, weight in self.aux_losses.items():
-            if name not in AUX_LOSSES:
-                raise ValueError(f"aux_losses: unknown loss {name!r}; known: {sorted(AUX_LOSSES)}")
-            _check_number(f"aux_losses[{name!r}]", weight, minimum=0, kind=float)
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
-            self.layers_to_transform = [self.layers_to_transform]
-        if self.layers_to_transform is not None:
-            if not isinstance(self.layers_to_transform, (list, tuple)) or not self.layers_to_transform:
-                raise ValueError(
-                    f"layers_to_transform must be an int or a non-empty list, got {self.layers_to_transform!r}"
-                )
-            self.layers_to_transform = list(self.layers_to_transform)
-            for index in self.layers_to_transform:
-                _check_number("layers_to_transform", index, minimum=0, kind=int)
-        if not isinstance(self.init_lora_weights, bool):
-            raise ValueError(f"init_lora_weights must be True or False, got {self.init_lora_weights!r}")
-        _check_choice("mixture_scaling", self.mixture_scaling, MIXTURE_SCALINGS)
-        _check_number("shared_experts", self.shared_experts, minimum=0, kind=int)
         if self.shared_experts and self.dispatch == "grouped":
             raise ValueError("shared_experts needs dispatch 'dense' or 'auto': grouped dispatch sorts routed tokens")
-        if not isinstance(self.share_lora_a, bool):
-            raise ValueError(f"share_lora_a must be True or False, got {self.share_lora_a!r}")
-        if self.share_lora_a and not EXPERTS[self.expert_type].can_share_input_side:
-            sharing = sorted(name for name, cls in EXPERTS.items() if cls.can_share_input_side)
-            raise ValueError(f"share_lora_a (HydraLoRA) needs expert_type in {sharing}, got {self.expert_type!r}")
         if self.router_init_std is not None:
             _check_number("router_init_std", self.router_init_std, minimum=0, kind=float)
-        _check_number("balance_window", self.balance_window, minimum=1, kind=int)
         _check_choice("routing_scope", self.routing_scope, ROUTING_SCOPES)
         if self.routing_scope != "module" and not ROUTERS[self.router].shareable:
             raise ValueError(
@@ -240,6 +239,18 @@ class MoLoRAConfig:
         self.input_groups = list(self.input_groups)
         for pattern in self.input_groups:
             self._check_regex("input_groups", pattern)
+
+    def _validate_losses_and_levers(self) -> None:
+        from molora.losses import AUX_LOSSES
+
+        if not isinstance(self.aux_losses, dict):
+            raise ValueError(f"aux_losses must be a dict {{name: weight}}, got {self.aux_losses!r}")
+        for name, weight in self.aux_losses.items():
+            if name not in AUX_LOSSES:
+                raise ValueError(f"aux_losses: unknown loss {name!r}; known: {sorted(AUX_LOSSES)}")
+            _check_number(f"aux_losses[{name!r}]", weight, minimum=0, kind=float)
+        _check_choice("mixture_scaling", self.mixture_scaling, MIXTURE_SCALINGS)
+        _check_number("balance_window", self.balance_window, minimum=1, kind=int)
 
     @staticmethod
     def _check_regex(name: str, pattern: str) -> None:
