@@ -24,11 +24,12 @@ import difflib
 import itertools
 import json
 import os
+import queue
 import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,44 @@ def run_one(
     return result
 
 
+class SeedMajorPool:
+    """`jobs` worker threads that take the waiting run with the lowest priority (seed, row position, ...) first.
+
+    A plain executor runs in submission order, so a grid row's later seeds, submitted once its grid is decided, would
+    wait behind every other row's last seed, and an interrupted ablation would lack the baseline's later seeds. Here
+    they run before the next seed of the other rows: an interruption leaves whole seeds (paired samples)."""
+
+    def __init__(self, jobs: int):
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()  # ties keep submission order (and never compare the callables)
+        self._workers = [threading.Thread(target=self._work, daemon=True) for _ in range(jobs)]
+        for worker in self._workers:
+            worker.start()
+
+    def submit(self, priority: tuple, fn, *args) -> Future:
+        future: Future = Future()
+        self._queue.put((priority, next(self._order), future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            _, _, future, fn, args = self._queue.get()
+            if future is None:  # shutdown
+                return
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as err:  # handed to whoever waits on the future
+                    future.set_exception(err)
+
+    def shutdown(self) -> None:
+        """Let every queued run finish, then stop the workers."""
+        for _ in self._workers:
+            self._queue.put(((float("inf"),), next(self._order), None, None, None))
+        for worker in self._workers:
+            worker.join()
+
+
 def val_loss(result: dict[str, Any]) -> float:
     if result.get("status") != "ok":
         return float("inf")
@@ -299,25 +338,35 @@ def run_ablation(
         return result
 
     first = ablation.seeds[0]
-    with ThreadPoolExecutor(jobs) as pool, ThreadPoolExecutor(max(1, len(ablation.rows))) as coordinators:
+    position = {row.name: i for i, row in enumerate(ablation.rows)}
+    pool = SeedMajorPool(jobs)
+    try:
+        with ThreadPoolExecutor(max(1, len(ablation.rows))) as coordinators:
 
-        def grid_row(row: Row) -> list:
-            """The grid on the first seed, then (as soon as it is done) the chosen point on the other seeds."""
-            tried = [f.result() for f in [pool.submit(launch, name, spec, first) for name, spec in row.variants()]]
-            if any(r["status"] == "pending" for r in tried):
-                return []
-            best = min(tried, key=val_loss)["variant"]
-            return [pool.submit(launch, best, dict(row.variants())[best], s) for s in ablation.seeds[1:]]
+            def grid_row(row: Row) -> list:
+                """The grid on the first seed, then (as soon as it is done) the chosen point on the other seeds."""
+                points = [
+                    pool.submit((first, position[row.name], k), launch, name, spec, first)
+                    for k, (name, spec) in enumerate(row.variants())
+                ]
+                tried = [f.result() for f in points]
+                if any(r["status"] == "pending" for r in tried):
+                    return []
+                best = min(tried, key=val_loss)["variant"]
+                spec = dict(row.variants())[best]
+                return [pool.submit((s, position[row.name], 0), launch, best, spec, s) for s in ablation.seeds[1:]]
 
-        grids = [coordinators.submit(grid_row, row) for row in ablation.rows if row.grid]
-        # seed-major: an interrupted ablation leaves whole seeds (paired samples) rather than whole rows
-        plain = [
-            pool.submit(launch, row.name, row.spec, seed)
-            for seed in ablation.seeds
-            for row in ablation.rows
-            if not row.grid and (row.trains or seed == first)  # the base model trains nothing: once
-        ]
-        for future in plain + [f for grid in grids for f in grid.result()]:
-            future.result()
+            grids = [coordinators.submit(grid_row, row) for row in ablation.rows if row.grid]
+            # seed-major: an interrupted ablation leaves whole seeds (paired samples) rather than whole rows
+            plain = [
+                pool.submit((seed, position[row.name], 0), launch, row.name, row.spec, seed)
+                for seed in ablation.seeds
+                for row in ablation.rows
+                if not row.grid and (row.trains or seed == first)  # the base model trains nothing: once
+            ]
+            for future in plain + [f for grid in grids for f in grid.result()]:
+                future.result()
+    finally:
+        pool.shutdown()
     write_outputs(ablation, results, counts, out, command, time.perf_counter() - started)
     return results

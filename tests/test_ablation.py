@@ -169,3 +169,29 @@ def test_bad_ablation_configs(tmp_path):
     path.write_text(yaml.safe_dump({"ablation": {"rows": [{"name": "a", "compare_to": "c"}, {"name": "b"}]}}))
     with pytest.raises(ValueError, match="row 'a': compare_to 'c' is not another row"):
         load_ablation(path)
+
+
+def test_the_pool_runs_the_lowest_seed_first_whenever_it_was_submitted():
+    import threading
+
+    from molora.ablation import SeedMajorPool
+
+    started, release, order = threading.Event(), threading.Event(), []
+
+    def blocker():
+        started.set()
+        release.wait(5)
+
+    pool = SeedMajorPool(1)
+    pool.submit((0, 0, 0), blocker)
+    started.wait(5)
+    # while the worker is busy: seed 2 of a row, then (as a grid row's later seeds are) seed 1 of an earlier row
+    futures = [pool.submit(p, order.append, p) for p in [(2, 1, 0), (2, 0, 0), (1, 5, 0), (1, 0, 0)]]
+    release.set()
+    pool.shutdown()
+    assert order == [(1, 0, 0), (1, 5, 0), (2, 0, 0), (2, 1, 0)] and all(f.done() for f in futures)
+    failing = SeedMajorPool(1)
+    boom = failing.submit((0,), lambda: 1 / 0)
+    failing.shutdown()
+    with pytest.raises(ZeroDivisionError):
+        boom.result()
