@@ -26,6 +26,12 @@ class RouterOutput:
     # Quantities derived from this output that several aux losses share (see molora.losses).
     cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
+    @property
+    def weights(self) -> torch.Tensor:
+        """The former name of `gates` (molora 0.1.0); kept for reading, with a DeprecationWarning."""
+        warnings.warn("RouterOutput.weights is now RouterOutput.gates", DeprecationWarning, stacklevel=2)
+        return self.gates
+
 
 @dataclass
 class RouterInputs:

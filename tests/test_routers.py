@@ -110,3 +110,9 @@ def test_task_router_uses_the_task_embedding_and_requires_task_ids():
         router(torch.randn(2, 5, 6))
     topk = TaskRouter(6, 4, num_tasks=3, top_k=2)(torch.randn(2, 5, 6), RouterInputs(task_ids=torch.tensor([1, 1])))
     assert ((topk.gates > 0).sum(-1) == 2).all()
+
+
+def test_the_former_name_of_the_gates_still_reads_with_a_warning():
+    out = SoftmaxRouter(8, 4)(torch.randn(1, 2, 8))
+    with pytest.warns(DeprecationWarning, match="now RouterOutput.gates"):
+        assert out.weights is out.gates
