@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from molora.pooling import POOLINGS, pool_sequence
+
 
 @dataclass
 class RouterOutput:
@@ -43,7 +45,7 @@ class RouterInputs:
 
 
 ROUTERS: dict[str, type[Router]] = {}
-INTUITION_POOLINGS = ("causal", "prompt", "mean")
+INTUITION_POOLINGS = POOLINGS  # the intuition router's pooling choices (config.intuition_pooling)
 
 
 def register_router(name: str):
@@ -268,12 +270,6 @@ class SwitchRouter(LinearRouter):
             raise ValueError(f"top_k must be 1 (or None) for router='switch', got {config.top_k}")
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over dim 1 of x·mask and the count; [B, d] and [B]."""
-    mask = mask.to(x.dtype)
-    return (x * mask.unsqueeze(-1)).sum(dim=1), mask.sum(dim=1)
-
-
 @register_router("intuition")
 class IntuitionRouter(Router):
     """MoR1E intuition gating: a pooled summary of the sequence, through a small MLP, gates the experts.
@@ -354,45 +350,7 @@ class IntuitionRouter(Router):
         return last(norm(activation(self.pool(projected, inputs) + first.bias)))
 
     def pool(self, x: torch.Tensor, inputs: RouterInputs) -> torch.Tensor:
-        batch, length, _ = x.shape
-        mask = inputs.token_mask
-        if mask is None:
-            mask = torch.ones(batch, length, dtype=torch.bool, device=x.device)
-        state = inputs.state
-        continuing = inputs.past_len > 0
-        if continuing and (state is None or state.get("seen") != inputs.past_len):
-            raise RuntimeError(
-                "cached decoding with the intuition router needs the running pooled state of the earlier "
-                "tokens: decode through MoLoRAModel.generate() or inside `with model.decoding_session():`"
-            )
-        if state is not None:
-            state["seen"] = inputs.past_len + length
-        if self.pooling == "prompt":
-            if continuing:
-                return state["pooled"]
-            if inputs.prompt_mask is None:
-                raise ValueError("intuition_pooling='prompt' needs prompt_mask ([batch, seq] bools) in forward()")
-            total, count = _masked_mean(x, mask & inputs.prompt_mask)
-            pooled = (total / count.clamp_min(1).unsqueeze(-1)).unsqueeze(1)
-            if state is not None:
-                state["pooled"] = pooled.detach()
-            return pooled
-        if self.pooling == "mean":
-            total, count = _masked_mean(x, mask)
-            if continuing:
-                total, count = total + state["sum"], count + state["count"]
-            if state is not None:
-                state.update(sum=total.detach(), count=count.detach())
-            return (total / count.clamp_min(1).unsqueeze(-1)).unsqueeze(1)
-        weights = mask.to(x.dtype)
-        running = (x * weights.unsqueeze(-1)).cumsum(dim=1)
-        count = weights.cumsum(dim=1)
-        if continuing:
-            running = running + state["sum"].unsqueeze(1)
-            count = count + state["count"].unsqueeze(1)
-        if state is not None:
-            state.update(sum=running[:, -1].detach(), count=count[:, -1].detach())
-        return running / count.clamp_min(1).unsqueeze(-1)
+        return pool_sequence(x, self.pooling, inputs.token_mask, inputs.prompt_mask, inputs.past_len, inputs.state)
 
 
 @register_router("task")
