@@ -55,3 +55,17 @@ def test_compiled_matches_eager_outputs_aux_and_gradients_across_calls(router, a
         torch.testing.assert_close(c_loss, loss, atol=1e-5, rtol=1e-5)
         for got, want in zip(c_grads, grads, strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scope", ["input", "block"])
+def test_shared_routing_traces_as_one_graph_and_matches_eager(scope):
+    targets = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    config = molora_config("llama", "topk", routing_scope=scope, target_modules=targets)
+    model = get_molora_model(build_base("llama"), config)
+    randomize_experts(model)
+    batch = make_batch(pad_last=2)
+    explained = torch._dynamo.explain(model)(**batch)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    torch._dynamo.reset()
+    expected = model(**batch).logits
+    assert torch.allclose(torch.compile(model)(**batch).logits, expected, atol=1e-4)
