@@ -69,7 +69,7 @@ SHAPES = {  # model -> (batch, seq) full, (batch, seq) quick
 }
 QUICK_VARIANTS = [
     "base", "peft-r8", "peft-r64", "lora-softmax", "lora-topk", "lora-intuition", "lora-task", "rank1-softmax",
-    "loop-blog", "loop-accumulate", "lora-task-merged",
+    "loop-blog", "loop-accumulate", "lora-task-merged", "lora-softmax-input", "lora-topk-input",
 ]  # fmt: skip
 QUICK_MEMORY = ["base", "peft-r64", "lora-softmax"]
 # (variant, peer, metric, limit): variant's metric <= limit * peer's; "loop" is the other way round (a speed-up).
@@ -82,6 +82,8 @@ TARGETS = [
     ("lora-task", "peft-r64", "train_ms", 1.05),
     ("lora-task-merged", "base", "forward_ms", 1.02),
     ("loop-blog", "lora-softmax", "train_ms", -4.0),  # negative: the loop must be >= 4x slower than molora
+    ("lora-softmax-input", "peft-r64", "train_ms", 0.97),  # one router and one input matmul per q/k/v and gate/up
+    ("lora-topk-input", "peft-r64", "train_ms", 0.97),
 ]
 
 
