@@ -50,6 +50,20 @@ def test_a_validation_split_is_disjoint_and_leaves_the_eval_split_as_it_was(doma
     assert len(train) + len(evaluation) + len(validation) == len(records)
 
 
+def test_dedupe_drops_exact_repeats_and_keeps_every_prompt_in_its_split():
+    plain = DataConfig(domains=["qa"], eval_fraction=0.4, max_eval_per_domain=100, val_fraction=0.15)
+    deduped = DataConfig(**{**plain.__dict__, "dedupe": True})
+    records, distinct = load_records(plain)["qa"], load_records(deduped)["qa"]
+    pairs = [(r["prompt"], r["response"]) for r in records]
+    assert [(r["prompt"], r["response"]) for r in distinct] == list(dict.fromkeys(pairs))  # first of each, in order
+    assert len(distinct) < len(records)  # ChatterBot repeats answers (one of them 121 times)
+    for before, after in zip(split_records(records, "qa", plain), split_records(distinct, "qa", deduped), strict=True):
+        assert {r["prompt"] for r in before} == {r["prompt"] for r in after}
+        assert len({(r["prompt"], r["response"]) for r in after}) == len(after)
+    with pytest.raises(ValueError, match=r"data\.dedupe"):
+        DataConfig(dedupe="yes")
+
+
 def test_the_run_seed_changes_the_batch_order_not_the_splits(tokenizer):
     config = DataConfig(domains=["math", "qa"], max_examples_per_domain=30, max_length=64, val_fraction=0.2)
     first, second = MultiDomainData(config, tokenizer), MultiDomainData(config, tokenizer, order_seed=1)
