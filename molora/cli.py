@@ -92,11 +92,23 @@ def ablate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, help="seeds per row (default: the config's ablation.seeds, else 3)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each with cores/jobs threads")
     parser.add_argument("--report-only", action="store_true", help="train nothing: tables from the finished runs")
+    parser.add_argument(
+        "--reevaluate",
+        nargs="+",
+        metavar="SECTION.KEY=VALUE",
+        help="train nothing: score the finished runs again with these data settings (tables in reeval-<tag>/)",
+    )
     args = parser.parse_args(argv)
     from molora.ablation import run_ablation
 
     out = args.output_dir or Path("runs") / ("ablation-quick" if args.quick else "ablation")
     try:
+        if args.reevaluate:
+            from molora.reevaluate import reevaluate_ablation, tag_of
+
+            reevaluate_ablation(args.config, out, args.reevaluate, quick=args.quick)
+            print((out / f"reeval-{tag_of(args.reevaluate)}" / "ablation.md").read_text())
+            return 0
         rows = run_ablation(
             args.config, out, quick=args.quick, seeds=args.seeds, jobs=args.jobs, report_only=args.report_only
         )

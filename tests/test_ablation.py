@@ -195,3 +195,33 @@ def test_the_pool_runs_the_lowest_seed_first_whenever_it_was_submitted():
     failing.shutdown()
     with pytest.raises(ZeroDivisionError):
         boom.result()
+
+
+def test_reevaluating_finished_runs_reproduces_their_scores_and_applies_new_data_settings(
+    tiny_spec, tmp_path, monkeypatch
+):
+    from molora import reevaluate
+
+    spec = json.loads(json.dumps(tiny_spec))
+    spec["ablation"].update(rows=spec["ablation"]["rows"][1:4], quick_seeds=1, baseline="softmax", match={})
+    config = write(spec, tmp_path / "a.yaml")
+    results = {r["variant"]: r for r in run_ablation(config, tmp_path / "out", quick=True, inline=True)}
+    same = {
+        r["variant"]: r for r in reevaluate.reevaluate_ablation(config, tmp_path / "out", ["data.dedupe=false"], True)
+    }
+    assert set(same) == {"softmax", "task", "base-model"}
+    for variant, result in results.items():  # nothing changed: the run's own eval, from its saved adapter
+        for domain, scores in result["eval"].items():
+            assert same[variant]["eval"][domain]["loss"] == pytest.approx(scores["loss"], abs=1e-5)
+    table = (tmp_path / "out" / "reeval-dedupe-false" / "ablation.md").read_text()
+    assert "--reevaluate data.dedupe=false" in table
+    fewer = reevaluate.reevaluate_ablation(config, tmp_path / "out", ["data.max_eval_per_domain=2"], True)
+    assert all(r["eval"]["upper"]["examples"] <= 2 for r in fewer)
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("a run was scored again")
+
+    monkeypatch.setattr(reevaluate, "reevaluate_run", no_scoring)
+    reevaluate.reevaluate_ablation(config, tmp_path / "out", ["data.dedupe=false"], True)  # all there: skipped
+    with pytest.raises(ValueError, match=r"data\.dedup"):
+        reevaluate.reevaluate_ablation(config, tmp_path / "out", ["data.dedup=true"], True)
