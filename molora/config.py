@@ -207,7 +207,8 @@ class MoLoRAConfig:
             raise ValueError(f"share_lora_a (HydraLoRA) needs expert_type in {sharing}, got {self.expert_type!r}")
 
     def _validate_routing(self) -> None:
-        from molora.routers import INTUITION_POOLINGS, ROUTERS
+        from molora.pooling import POOLINGS
+        from molora.routers import ROUTERS
 
         _check_choice("router", self.router, ROUTERS)
         _check_number("router_temperature", self.router_temperature, minimum=0, kind=float, strict=True)
@@ -218,7 +219,7 @@ class MoLoRAConfig:
             )
         _check_number("router_jitter", self.router_jitter, minimum=0, kind=float)
         _check_choice("dispatch", self.dispatch, DISPATCHES)
-        _check_choice("intuition_pooling", self.intuition_pooling, INTUITION_POOLINGS)
+        _check_choice("intuition_pooling", self.intuition_pooling, POOLINGS)
         if self.intuition_hidden is not None:
             _check_number("intuition_hidden", self.intuition_hidden, minimum=2, kind=int)
         if self.num_tasks is not None:

@@ -59,7 +59,6 @@ class MoLoRALinear(nn.Module):
         gate_multiplier: float = 1.0,
         block: str | None = None,
         block_owner: MoLoRALinear | None = None,
-        shares_input: bool = False,
     ):
         super().__init__()
         if role not in ROLES:
@@ -75,7 +74,6 @@ class MoLoRALinear(nn.Module):
         self._block_route: RouterOutput | None = None  # the owner's route of its last forward, outside a context
         # routing_scope='input': the group reads one tensor, so whichever member runs first on it computes every
         # member's input side in one matmul and routes it with the group's router; the others take their part.
-        self.shares_input = shares_input
         self.input_group: tuple[MoLoRALinear, ...] = ()  # every member, this one included (set by the patcher)
         self._shared_input: SharedInput | None = None  # the group's last, outside a routing context (on the owner)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -230,7 +228,7 @@ class MoLoRALinear(nn.Module):
         expert_x = self.dropout(flat_x).to(self.experts_dtype)
         out_shape = (*x.shape[:-1], result.shape[-1])
         if self.grouped_dispatch(flat_x):
-            delta = self.grouped_delta(x, x3, expert_x, inputs)
+            delta = self.grouped_delta(x, x3, flat_x, expert_x, inputs)
             return result.view(out_shape) + delta.to(result.dtype).view(out_shape)
         hidden, route = self.project_and_route(x, x3, flat_x, expert_x, inputs)
         gates = self.bank_gates(per_sequence(route.gates))
@@ -244,12 +242,12 @@ class MoLoRALinear(nn.Module):
         return route
 
     def grouped_delta(
-        self, x: torch.Tensor, x3: torch.Tensor, expert_x: torch.Tensor, inputs: RouterInputs
+        self, x: torch.Tensor, x3: torch.Tensor, flat_x: torch.Tensor, expert_x: torch.Tensor, inputs: RouterInputs
     ) -> torch.Tensor:
         """Top-k, each token sent to its k experts only (tokens sorted by expert): the delta [N, d_out]."""
         if self.shares_input:
             shared = self.find_shared_input(x)
-            route = (shared or self.share_input(x, x3, x3.reshape(-1, x3.shape[-1]), expert_x, inputs, False)).route
+            route = (shared or self.share_input(x, x3, flat_x, expert_x, inputs, False)).route
         else:
             route = self.decide_route(x3, inputs)
         # [N, E] per token (a per-sequence gate is expanded here): grouped dispatch sorts tokens, not sequences
@@ -271,6 +269,10 @@ class MoLoRALinear(nn.Module):
             return hidden, self.decide_route(x3, inputs, projected.view(*x3.shape[:-1], -1))
         hidden, _ = self.experts.project(expert_x)
         return hidden, self.decide_route(x3, inputs)
+
+    @property
+    def shares_input(self) -> bool:
+        return bool(self.input_group)
 
     @property
     def group_owner(self) -> MoLoRALinear:

@@ -275,7 +275,6 @@ def _build_layer(
         gate_multiplier=gate_multiplier,
         block=key,
         block_owner=None if owner is None or owner == name else built[owner],
-        shares_input=config.routing_scope == "input" and owner is not None,
     )
     shown_rank = rank if EXPERTS[config.expert_type].has_rank else None
     record = InjectedModule(

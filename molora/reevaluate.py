@@ -21,8 +21,10 @@ from molora.run_config import RunConfig, apply_overrides
 from molora.utils import atomic_write_text
 
 
-def reevaluate_run(spec: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """{"eval": ..., "val": ...} of a finished run's adapter on the splits `spec` describes."""
+def reevaluate_run(spec: dict[str, Any], run_dir: Path, splits: dict | None = None) -> dict[str, Any]:
+    """{"eval": ..., "val": ...} of a finished run's adapter on the splits `spec` describes. `splits` caches the
+    tokenised data across runs that share the model and data settings (the eval and validation splits do not depend
+    on the run's seed)."""
     from molora.base_models import load_base
     from molora.data import MultiDomainData
     from molora.evaluation import evaluate
@@ -30,8 +32,12 @@ def reevaluate_run(spec: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
     config = RunConfig.from_dict(spec)
     _, _, device = setup_distributed()
-    base, tokenizer = load_base(config.model.name, task=config.model.task)
-    data = MultiDomainData(config.data, tokenizer, order_seed=config.train.seed)
+    base, tokenizer = load_base(config.model.name, task=config.model.task)  # fresh: the adapter is injected into it
+    key = json.dumps([config.model.name, spec.get("data")], sort_keys=True)
+    splits = {} if splits is None else splits
+    if key not in splits:
+        splits[key] = MultiDomainData(config.data, tokenizer)
+    data = splits[key]
     model = build_model(base, config)
     if config.model.adapter != "none":
         load_adapter_weights(model, run_dir / "adapter")
@@ -55,7 +61,7 @@ def reevaluate_ablation(config: str | Path, out: str | Path, overrides: list[str
         raise ValueError("--reevaluate needs at least one section.key=value")
     ablation = load_ablation(config, quick)
     out, tag = Path(out), tag_of(overrides)
-    results = []
+    results, splits = [], {}
     for row in ablation.rows:
         for variant, spec in row.variants():
             for seed in ablation.seeds:
@@ -68,7 +74,7 @@ def reevaluate_ablation(config: str | Path, out: str | Path, overrides: list[str
                 path = folder / f"reeval-{tag}.json"
                 scores = json.loads(path.read_text()) if path.is_file() else None
                 if scores is None or scores.get("spec") != changed:
-                    scores = {"spec": changed, **reevaluate_run(changed, folder / "run")}
+                    scores = {"spec": changed, **reevaluate_run(changed, folder / "run", splits)}
                     atomic_write_text(path, json.dumps(scores, indent=1) + "\n")
                     print(f"[reevaluate {tag}] {variant} seed {seed}: eval {scores['eval']['mean']['loss']:.3f}")
                 results.append({**done, "eval": scores["eval"], "val": scores.get("val") or done.get("val")})

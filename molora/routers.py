@@ -45,7 +45,6 @@ class RouterInputs:
 
 
 ROUTERS: dict[str, type[Router]] = {}
-INTUITION_POOLINGS = POOLINGS  # the intuition router's pooling choices (config.intuition_pooling)
 
 
 def register_router(name: str):
@@ -289,8 +288,8 @@ class IntuitionRouter(Router):
         **kwargs: Any,
     ):
         super().__init__(in_features, num_experts, **kwargs)
-        if pooling not in INTUITION_POOLINGS:
-            raise ValueError(f"pooling must be one of {INTUITION_POOLINGS}, got {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if hidden is not None and hidden < 2:
             raise ValueError(f"intuition hidden width must be >= 2 (LayerNorm over one unit is constant), got {hidden}")
         self.pooling = pooling

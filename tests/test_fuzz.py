@@ -21,7 +21,8 @@ from molora.config import DISPATCHES, MIN_ROUTER_TEMPERATURE, ROUTING_SCOPES
 from molora.experts import EXPERTS
 from molora.losses import AUX_LOSSES
 from molora.patcher import SUPPORTED_TYPES
-from molora.routers import INTUITION_POOLINGS, ROUTERS
+from molora.pooling import POOLINGS
+from molora.routers import ROUTERS
 from tests.conftest import build_base, make_batch, outputs_of
 
 FUZZ = settings(
@@ -105,7 +106,7 @@ def valid_kwargs(draw, arch: str, router: str | None = None) -> dict:
         top_k = draw(st.sampled_from([None, 1]))
     elif router in ("intuition", "task"):
         top_k = draw(st.one_of(st.none(), st.integers(1, smallest)))
-    pooling = draw(st.sampled_from(INTUITION_POOLINGS))
+    pooling = draw(st.sampled_from(POOLINGS))
     kwargs = dict(
         target_modules=target_modules,
         exclude_modules=exclude_modules,
