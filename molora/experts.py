@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from molora.memory import GatedMix, RebuildSaved, gate_rows, other_saved_tensor_hooks, stack_rows
+from molora.memory import GatedMix, RebuildSaved, by_expert, other_saved_tensor_hooks, stack_rows
 
 
 class Experts(nn.Module):
@@ -30,7 +30,6 @@ class Experts(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.num_experts = num_experts
-        self._gate_spreads: dict[tuple, torch.Tensor] = {}  # see gate_spread()
 
     def delta_weight(self, expert: int) -> torch.Tensor:
         """The expert's update as a [d_out, d_in] matrix (before scaling), for merging."""
@@ -93,23 +92,13 @@ class Experts(nn.Module):
         `out` itself (no [N, d_out] temporary, which on CPU is a fresh allocation with its page faults). In place is
         only for a tensor nothing else reads and that is not a view (autograd would copy the whole base in backward).
         """
-        spread = self.gate_spread(scaling, hidden.dtype, hidden.device)
         if torch.is_autocast_enabled(hidden.device.type):
             # Autocast casts in a custom forward but not in its backward: plain ops here, which it handles throughout.
-            hidden3, row_gates = gate_rows(hidden, gates, spread)
-            gated = (hidden3 * row_gates).view(hidden.shape)
-            return gated @ self.stacked_out() if out is None else torch.addmm(out, gated, self.stacked_out())
-        return GatedMix.apply(hidden, gates, spread, self.output_side, out, inplace)
-
-    def gate_spread(self, scaling: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """[E, E*r]: scaling on each expert's r rows, zero elsewhere; gates [.., E] @ spread = the gate of each row
-        of the [N, E*r] intermediate. Built once per (scaling, dtype, device)."""
-        key = (scaling, dtype, device)
-        spread = self._gate_spreads.get(key)
-        if spread is None:
-            eye = torch.eye(self.num_experts, dtype=dtype, device=device) * scaling
-            spread = self._gate_spreads[key] = eye.repeat_interleave(self.rows_per_expert, dim=1)
-        return spread
+            hidden4, gates4 = by_expert(hidden, gates)
+            gated = (hidden4 * gates4).view(hidden.shape)
+            rows = self.stacked_out()
+            return scaling * (gated @ rows) if out is None else torch.addmm(out, gated, rows, alpha=scaling)
+        return GatedMix.apply(hidden, gates, self.output_side, out, inplace, scaling)
 
     def mix_grouped(self, x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The sparse mixture computing only the selected experts, each on its own tokens: x [N, d_in], gates
