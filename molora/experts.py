@@ -64,7 +64,13 @@ class Experts(nn.Module):
 
         The extras are other [k, d_in] weights that read the same x: a router's input projection, the input sides of
         sibling modules (routing_scope='input')."""
-        weight = self.stacked_in()
+        return self.project_with(x, self.stacked_in(), extras)
+
+    @staticmethod
+    def project_with(
+        x: torch.Tensor, weight: torch.Tensor, extras: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """x @ weight.T and x @ extra.T for each extra, from one matmul (the joint weight rebuilt for backward)."""
         if not extras:
             return F.linear(x, weight), ()
         parts = (weight, *(extra.to(weight.dtype) for extra in extras))
@@ -141,9 +147,15 @@ class LoRAExperts(Experts):
     ):
         super().__init__(in_features, out_features, num_experts)
         self.rank = rank
-        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features, dtype=dtype, device=device))
+        self.lora_A = nn.Parameter(
+            torch.empty(*self.input_side_shape(num_experts, rank, in_features), dtype=dtype, device=device)
+        )
         self.lora_B = nn.Parameter(torch.empty(num_experts, out_features, rank, dtype=dtype, device=device))
         self.reset_parameters(init_zero)
+
+    @staticmethod
+    def input_side_shape(num_experts: int, rank: int, in_features: int) -> tuple[int, ...]:
+        return (num_experts, rank, in_features)
 
     def reset_parameters(self, init_zero: bool = True) -> None:
         # Same bounds as PEFT's kaiming_uniform_(a=sqrt(5)) on each [r, d_in] / [d_out, r] matrix.
@@ -175,16 +187,23 @@ class LoRAExperts(Experts):
 class SharedALoRAExperts(LoRAExperts):
     """HydraLoRA: one input side A [r, d_in] shared by the experts, an output side B [E, d_out, r] each.
 
-    The stacked input side repeats A per expert, so every path of LoRAExperts (fused router rows, gating, merging)
-    applies unchanged; A's gradient is the sum over the repeats.
+    The input matmul computes A x once ([N, r], with any router rows) and the E*r intermediate repeats it, so every
+    path of LoRAExperts after it (gating, output side, merging) applies unchanged; A's gradient is the sum over the
+    repeats. stacked_in() (merging, grouped dispatch, a sibling's joint matmul) is A repeated per expert.
     """
 
-    def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int, **kwargs):
-        super().__init__(in_features, out_features, num_experts, rank, **kwargs)
-        self.lora_A = nn.Parameter(self.lora_A.data[0].clone())
+    @staticmethod
+    def input_side_shape(num_experts: int, rank: int, in_features: int) -> tuple[int, ...]:
+        return (rank, in_features)
 
     def stacked_in(self) -> torch.Tensor:
         return self.lora_A.repeat(self.num_experts, 1)
+
+    def project(
+        self, x: torch.Tensor, extras: tuple[torch.Tensor, ...] = ()
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        narrow, rest = self.project_with(x, self.lora_A, extras)
+        return narrow.repeat(1, self.num_experts), rest
 
     def delta_weight(self, expert: int) -> torch.Tensor:
         return self.lora_B[expert] @ self.lora_A
