@@ -3,7 +3,8 @@
     python bench/micro.py [--rounds 50]
 
 - softmax over the expert dim on CPU: the transposed view (reduce a non-last dim) vs softmax(dim=-1);
-- the gate on the [N, E*r] intermediate: gates @ spread then a plain multiply vs a [B, L, E, 1] broadcast multiply;
+- the gate on the [N, E*r] intermediate: a [B, L, E, 1] broadcast multiply vs gates @ spread then a plain multiply
+  (what GatedMix did before: they tie in time, the broadcast dispatches fewer ops);
 - the z-loss's logsumexp with the max shift held constant vs torch.logsumexp.
 
 Each pair runs forward + backward on the same inputs, alternating, and the table gives medians and the ratio of
@@ -46,7 +47,7 @@ def gate_pair(batch: int, length: int):
     def broadcast():
         (hidden.view(batch, length, NUM_EXPERTS, RANK) * gates.unsqueeze(-1)).square().sum().backward()
 
-    return (("gates @ spread, then multiply (molora)", spread_matmul), ("[B, L, E, 1] broadcast multiply", broadcast))
+    return (("[B, L, E, 1] broadcast multiply (molora)", broadcast), ("gates @ spread, then multiply", spread_matmul))
 
 
 def logsumexp_pair(layers: int, tokens: int):

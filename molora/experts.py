@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from molora.memory import GatedMix, RebuildSaved, gate_rows, other_saved_tensor_hooks, stack_rows
+from molora.memory import GatedMix, RebuildSaved, by_expert, other_saved_tensor_hooks, stack_rows
 
 
 class Experts(nn.Module):
@@ -30,7 +30,6 @@ class Experts(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.num_experts = num_experts
-        self._gate_spreads: dict[tuple, torch.Tensor] = {}  # see gate_spread()
 
     def delta_weight(self, expert: int) -> torch.Tensor:
         """The expert's update as a [d_out, d_in] matrix (before scaling), for merging."""
@@ -65,7 +64,13 @@ class Experts(nn.Module):
 
         The extras are other [k, d_in] weights that read the same x: a router's input projection, the input sides of
         sibling modules (routing_scope='input')."""
-        weight = self.stacked_in()
+        return self.project_with(x, self.stacked_in(), extras)
+
+    @staticmethod
+    def project_with(
+        x: torch.Tensor, weight: torch.Tensor, extras: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """x @ weight.T and x @ extra.T for each extra, from one matmul (the joint weight rebuilt for backward)."""
         if not extras:
             return F.linear(x, weight), ()
         parts = (weight, *(extra.to(weight.dtype) for extra in extras))
@@ -93,23 +98,13 @@ class Experts(nn.Module):
         `out` itself (no [N, d_out] temporary, which on CPU is a fresh allocation with its page faults). In place is
         only for a tensor nothing else reads and that is not a view (autograd would copy the whole base in backward).
         """
-        spread = self.gate_spread(scaling, hidden.dtype, hidden.device)
         if torch.is_autocast_enabled(hidden.device.type):
             # Autocast casts in a custom forward but not in its backward: plain ops here, which it handles throughout.
-            hidden3, row_gates = gate_rows(hidden, gates, spread)
-            gated = (hidden3 * row_gates).view(hidden.shape)
-            return gated @ self.stacked_out() if out is None else torch.addmm(out, gated, self.stacked_out())
-        return GatedMix.apply(hidden, gates, spread, self.output_side, out, inplace)
-
-    def gate_spread(self, scaling: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """[E, E*r]: scaling on each expert's r rows, zero elsewhere; gates [.., E] @ spread = the gate of each row
-        of the [N, E*r] intermediate. Built once per (scaling, dtype, device)."""
-        key = (scaling, dtype, device)
-        spread = self._gate_spreads.get(key)
-        if spread is None:
-            eye = torch.eye(self.num_experts, dtype=dtype, device=device) * scaling
-            spread = self._gate_spreads[key] = eye.repeat_interleave(self.rows_per_expert, dim=1)
-        return spread
+            hidden4, gates4 = by_expert(hidden, gates)
+            gated = (hidden4 * gates4).view(hidden.shape)
+            rows = self.stacked_out()
+            return scaling * (gated @ rows) if out is None else torch.addmm(out, gated, rows, alpha=scaling)
+        return GatedMix.apply(hidden, gates, self.output_side, out, inplace, scaling)
 
     def mix_grouped(self, x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The sparse mixture computing only the selected experts, each on its own tokens: x [N, d_in], gates
@@ -152,9 +147,15 @@ class LoRAExperts(Experts):
     ):
         super().__init__(in_features, out_features, num_experts)
         self.rank = rank
-        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features, dtype=dtype, device=device))
+        self.lora_A = nn.Parameter(
+            torch.empty(*self.input_side_shape(num_experts, rank, in_features), dtype=dtype, device=device)
+        )
         self.lora_B = nn.Parameter(torch.empty(num_experts, out_features, rank, dtype=dtype, device=device))
         self.reset_parameters(init_zero)
+
+    @staticmethod
+    def input_side_shape(num_experts: int, rank: int, in_features: int) -> tuple[int, ...]:
+        return (num_experts, rank, in_features)
 
     def reset_parameters(self, init_zero: bool = True) -> None:
         # Same bounds as PEFT's kaiming_uniform_(a=sqrt(5)) on each [r, d_in] / [d_out, r] matrix.
@@ -186,16 +187,23 @@ class LoRAExperts(Experts):
 class SharedALoRAExperts(LoRAExperts):
     """HydraLoRA: one input side A [r, d_in] shared by the experts, an output side B [E, d_out, r] each.
 
-    The stacked input side repeats A per expert, so every path of LoRAExperts (fused router rows, gating, merging)
-    applies unchanged; A's gradient is the sum over the repeats.
+    The input matmul computes A x once ([N, r], with any router rows) and the E*r intermediate repeats it, so every
+    path of LoRAExperts after it (gating, output side, merging) applies unchanged; A's gradient is the sum over the
+    repeats. stacked_in() (merging, grouped dispatch, a sibling's joint matmul) is A repeated per expert.
     """
 
-    def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int, **kwargs):
-        super().__init__(in_features, out_features, num_experts, rank, **kwargs)
-        self.lora_A = nn.Parameter(self.lora_A.data[0].clone())
+    @staticmethod
+    def input_side_shape(num_experts: int, rank: int, in_features: int) -> tuple[int, ...]:
+        return (rank, in_features)
 
     def stacked_in(self) -> torch.Tensor:
         return self.lora_A.repeat(self.num_experts, 1)
+
+    def project(
+        self, x: torch.Tensor, extras: tuple[torch.Tensor, ...] = ()
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        narrow, rest = self.project_with(x, self.lora_A, extras)
+        return narrow.repeat(1, self.num_experts), rest
 
     def delta_weight(self, expert: int) -> torch.Tensor:
         return self.lora_B[expert] @ self.lora_A

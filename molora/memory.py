@@ -19,12 +19,21 @@ def stack_rows(output_side: torch.Tensor) -> torch.Tensor:
 
 def unstack_rows(stacked: torch.Tensor, output_side: torch.Tensor) -> torch.Tensor:
     """The inverse of stack_rows: [E*r, d_out] back to output_side's layout (for its gradient)."""
+    if output_side.dim() == 2:
+        return stacked
     return stacked.view(output_side.shape[0], -1, stacked.shape[1]).transpose(1, 2).reshape(output_side.shape)
 
 
-def gate_rows(hidden: torch.Tensor, gates: torch.Tensor, spread: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [N, E*r] as [B, L, E*r], and the gate of each of its rows, [B, L or 1, E*r]."""
-    return hidden.view(gates.shape[0], -1, hidden.shape[1]), gates.to(hidden.dtype) @ spread
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """scaling * (a @ b) as one kernel (addmm ignores its input when beta is 0, so it may be uninitialised)."""
+    return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=scaling)
+
+
+def by_expert(hidden: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [N, E*r] as [B, L, E, r], and the gates [B, L or 1, E] as [B, L or 1, E, 1] in hidden's dtype: a
+    broadcast multiply gates each expert's r rows."""
+    batch, experts = gates.shape[0], gates.shape[-1]
+    return hidden.view(batch, -1, experts, hidden.shape[1] // experts), gates.to(hidden.dtype).unsqueeze(-1)
 
 
 class RebuildSaved(torch.autograd.graph.saved_tensors_hooks):
@@ -74,48 +83,51 @@ def other_saved_tensor_hooks() -> bool:
 
 
 class GatedMix(torch.autograd.Function):
-    """out + (hidden * spread gates) @ stacked_out, for hidden [N, E*r] and gates [B, L or 1, E].
+    """out + scaling * (hidden gated per expert) @ stacked output sides, for hidden [N, E*r] and gates
+    [B, L or 1, E].
 
-    `spread` [E, E*r] copies each expert's gate onto its r rows (times the scaling), so the gating is one small
-    matmul and a plain multiply instead of a [B, L, E, 1] broadcast multiply (timed in bench/micro.py), and the
-    gates' gradient is the transposed matmul instead of a sum over r.
-    Autograd would keep the gated [N, E*r] product (for the gradient of the output side) and the stacked copy of
-    the output sides; this keeps hidden, the gates (the router keeps both anyway) and the output-side parameter,
-    and recomputes the rest in backward. That saves E*r numbers per token and layer: a PEFT LoRA of rank E*r stores
-    E*r per token, and the 1.05x memory budget next to it leaves no room for a second such activation.
+    Written by hand for what autograd would keep and dispatch. Autograd would keep the gated [N, E*r] product (for
+    the gradient of the output side) and the stacked copy of the output sides; this keeps hidden, the gates (the
+    router keeps both anyway) and the output-side parameter, and recomputes the rest in backward. That saves E*r
+    numbers per token and layer: a PEFT LoRA of rank E*r stores E*r per token, and the 1.05x memory budget next to
+    it leaves no room for a second such activation. And it dispatches fewer kernels (bench/op_count.py): the
+    gating is one broadcast multiply, and the scaling rides in the matmuls (addmm's alpha).
     """
 
     @staticmethod
-    def forward(ctx, hidden, gates, spread, output_side, out, inplace):
-        stacked_out = stack_rows(output_side)
-        hidden3, row_gates = gate_rows(hidden, gates, spread)
-        gated = (hidden3 * row_gates).view(hidden.shape)
+    def forward(ctx, hidden, gates, output_side, out, inplace, scaling):
+        rows = stack_rows(output_side)
+        hidden4, gates4 = by_expert(hidden, gates)
+        gated = (hidden4 * gates4).view(hidden.shape)
         if out is None:
-            result = gated @ stacked_out
+            result = scaled_mm(gated, rows, scaling)
         elif inplace:
-            out.addmm_(gated, stacked_out)
+            out.addmm_(gated, rows, alpha=scaling)
             ctx.mark_dirty(out)
             result = out  # the input itself: what torch.compile needs of a dirty input
         else:
-            result = torch.addmm(out, gated, stacked_out)
-        ctx.save_for_backward(hidden, gates, spread, output_side)
+            result = torch.addmm(out, gated, rows, alpha=scaling)
+        ctx.save_for_backward(hidden, gates, output_side)
+        ctx.scaling = scaling
         return result
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, gates, spread, output_side = ctx.saved_tensors
-        stacked_out = stack_rows(output_side)
-        hidden3, row_gates = gate_rows(hidden, gates, spread)
+        hidden, gates, output_side = ctx.saved_tensors
+        scaling = ctx.scaling
+        hidden4, gates4 = by_expert(hidden, gates)
         grad_hidden = grad_gates = grad_out_side = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_gated = (grad @ stacked_out.T).view(hidden3.shape)
+            grad_gated = scaled_mm(grad, stack_rows(output_side).T, scaling).view(hidden4.shape)
             if ctx.needs_input_grad[0]:
-                grad_hidden = (grad_gated * row_gates).view(hidden.shape)
+                grad_hidden = (grad_gated * gates4).view(hidden.shape)
             if ctx.needs_input_grad[1]:
-                # back through the spread (a sum over each expert's rows, times the scaling); a per-sequence gate
-                # also sums over its positions
-                grad_gates = ((grad_gated * hidden3) @ spread.T).sum_to_size(gates.shape).to(gates.dtype)
-        if ctx.needs_input_grad[3]:
-            grad_out_side = unstack_rows((hidden3 * row_gates).view(hidden.shape).T @ grad, output_side)
-        grad_base = grad if ctx.needs_input_grad[4] else None
-        return grad_hidden, grad_gates, None, grad_out_side, grad_base, None
+                # a dot product over each expert's r rows (hidden is a slice of a joint matmul's output, which a
+                # batched matmul would first copy); a per-sequence gate also sums over its positions
+                dims = (1, 3) if gates.shape[1] == 1 and hidden4.shape[1] > 1 else (3,)
+                grad_gates = (grad_gated * hidden4).sum(dims).view(gates.shape).to(gates.dtype)
+        if ctx.needs_input_grad[2]:
+            gated = (hidden4 * gates4).view(hidden.shape)
+            grad_out_side = unstack_rows(scaled_mm(gated.T, grad, scaling), output_side)
+        grad_base = grad if ctx.needs_input_grad[3] else None
+        return grad_hidden, grad_gates, grad_out_side, grad_base, None, None

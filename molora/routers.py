@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from molora.gating import select_experts, softmax
 from molora.pooling import POOLINGS, pool_sequence
 
 
@@ -56,30 +57,9 @@ def register_router(name: str):
     return decorator
 
 
-def softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the expert dim. On CPU, the kernel reducing a non-last dim is faster for a handful of experts
-    (timed in bench/micro.py), so it runs on the transposed view there."""
-    if logits.device.type == "cpu" and logits.dim() >= 2:
-        return logits.transpose(-1, -2).softmax(dim=-2).transpose(-1, -2)
-    return logits.softmax(dim=-1)
-
-
 def broadcast(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """tensor.expand(shape), or the tensor itself when it has that shape already (no view op, no autograd node)."""
     return tensor if tensor.shape == shape else tensor.expand(shape)
-
-
-def select_experts(
-    probs: torch.Tensor, top_k: int | None, renormalize: bool = True
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dense gates (the probabilities) when top_k is None; otherwise the top-k probabilities, zero elsewhere."""
-    if top_k is None:
-        return probs, None
-    top_probs, indices = probs.topk(top_k, dim=-1)
-    if renormalize:
-        top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
-    gates = torch.zeros_like(probs).scatter(-1, indices, top_probs)
-    return gates, indices
 
 
 class Router(nn.Module):

@@ -88,6 +88,31 @@ def test_hydra_experts_share_one_input_side_and_count_it_once():
     assert count(plain) - count(hydra) == 3 * 3 * D_IN  # four A of rank 3 -> one
 
 
+def test_hydra_computes_its_shared_input_side_once():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulWidths(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.widths = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in ("mm", "addmm") and args[-2].shape[-1] == D_IN:
+                self.widths.append(out.shape[-1])
+            return out
+
+    x, *_ = inputs("softmax")
+    widths = {}
+    for hydra in (False, True):
+        layer = make_layer("linear", "softmax", "lora", share_lora_a=hydra).eval()
+        with torch.no_grad(), MatmulWidths() as seen:
+            layer(x)
+        widths[hydra] = sorted(seen.widths)
+    # the base layer's matmul (D_OUT), then the experts' input side with the router's 4 rows: E*r = 12 -> r = 3
+    assert widths == {False: sorted([D_OUT, 12 + 4]), True: sorted([D_OUT, 3 + 4])}
+
+
 @pytest.mark.parametrize("task_id", [0, 2])
 def test_merging_a_task_router_with_shared_experts_and_sum_scaling_reproduces_the_forward(task_id):
     config = molora_config("llama", "task", shared_experts=1, mixture_scaling="sum", share_lora_a=True)

@@ -116,3 +116,37 @@ def test_the_former_name_of_the_gates_still_reads_with_a_warning():
     out = SoftmaxRouter(8, 4)(torch.randn(1, 2, 8))
     with pytest.warns(DeprecationWarning, match="now RouterOutput.gates"):
         assert out.weights is out.gates
+
+
+def plain_top_k_gates(probs: torch.Tensor, top_k: int, renormalize: bool) -> torch.Tensor:
+    """The selection through plain autograd ops: the reference for TopKGates' hand-written backward."""
+    top, indices = probs.topk(top_k, dim=-1)
+    if renormalize:
+        top = top / top.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(probs).scatter(-1, indices, top)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("top_k", [1, 2, 3, 5])
+def test_top_k_gates_backward_matches_autograd_and_finite_differences(top_k, renormalize):
+    from molora.gating import TopKGates
+
+    for seed in range(5):
+        generator = torch.Generator().manual_seed(seed)
+        probs = torch.randn(2, 4, 5, generator=generator, dtype=torch.float64).softmax(-1).requires_grad_()
+        upstream = torch.randn(2, 4, 5, generator=generator, dtype=torch.float64)
+        gates, indices = TopKGates.apply(probs, top_k, renormalize)
+        (got,) = torch.autograd.grad(gates, probs, upstream)
+        expected_gates = plain_top_k_gates(probs, top_k, renormalize)
+        (expected,) = torch.autograd.grad(expected_gates, probs, upstream)
+        torch.testing.assert_close(gates, expected_gates, rtol=0, atol=0)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        assert torch.equal(indices, probs.topk(top_k, dim=-1).indices) and not indices.requires_grad
+
+    def gates_only(probs):
+        return TopKGates.apply(probs, top_k, renormalize)[0]
+
+    assert torch.autograd.gradcheck(gates_only, (probs,), atol=1e-9, rtol=1e-7)
+    (grad,) = torch.autograd.grad(gates_only(probs), probs, upstream.requires_grad_(), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):  # no silently wrong second derivative
+        grad.sum().backward()
