@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from molora.memory import GatedMix, RebuildSaved, by_expert, other_saved_tensor_hooks, stack_rows
+from molora.memory import GatedMix, RebuildSaved, by_expert, gate_hidden, other_saved_tensor_hooks, stack_rows
 
 
 class Experts(nn.Module):
@@ -101,7 +101,7 @@ class Experts(nn.Module):
         if torch.is_autocast_enabled(hidden.device.type):
             # Autocast casts in a custom forward but not in its backward: plain ops here, which it handles throughout.
             hidden4, gates4 = by_expert(hidden, gates)
-            gated = (hidden4 * gates4).view(hidden.shape)
+            gated = gate_hidden(hidden4, gates4, hidden.shape)
             rows = self.stacked_out()
             return scaling * (gated @ rows) if out is None else torch.addmm(out, gated, rows, alpha=scaling)
         return GatedMix.apply(hidden, gates, self.output_side, out, inplace, scaling)

@@ -36,6 +36,11 @@ def by_expert(hidden: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, 
     return hidden.view(batch, -1, experts, hidden.shape[1] // experts), gates.to(hidden.dtype).unsqueeze(-1)
 
 
+def gate_hidden(hidden4: torch.Tensor, gates4: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The gated intermediate [N, E*r] from by_expert()'s pair: each expert's r rows times its gate."""
+    return (hidden4 * gates4).view(shape)
+
+
 class RebuildSaved(torch.autograd.graph.saved_tensors_hooks):
     """Autograd keeps `derived` (a concatenation of `parts`) for backward as a recipe instead: `parts` are there
     anyway (parameters), and rebuilding a weight-sized tensor in backward costs microseconds. The concatenated weight
@@ -98,7 +103,7 @@ class GatedMix(torch.autograd.Function):
     def forward(ctx, hidden, gates, output_side, out, inplace, scaling):
         rows = stack_rows(output_side)
         hidden4, gates4 = by_expert(hidden, gates)
-        gated = (hidden4 * gates4).view(hidden.shape)
+        gated = gate_hidden(hidden4, gates4, hidden.shape)
         if out is None:
             result = scaled_mm(gated, rows, scaling)
         elif inplace:
@@ -127,7 +132,7 @@ class GatedMix(torch.autograd.Function):
                 dims = (1, 3) if gates.shape[1] == 1 and hidden4.shape[1] > 1 else (3,)
                 grad_gates = (grad_gated * hidden4).sum(dims).view(gates.shape).to(gates.dtype)
         if ctx.needs_input_grad[2]:
-            gated = (hidden4 * gates4).view(hidden.shape)
+            gated = gate_hidden(hidden4, gates4, hidden.shape)
             grad_out_side = unstack_rows(scaled_mm(gated.T, grad, scaling), output_side)
         grad_base = grad if ctx.needs_input_grad[3] else None
         return grad_hidden, grad_gates, grad_out_side, grad_base, None, None
