@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from molora.inputs import CallShape, check_batch, first_input, prompt_mask_tenso
 from molora.inspect import RoutingRecorder
 from molora.layer import MoLoRALinear
 from molora.losses import BalanceWindow, aux_term_means, layer_aux_terms
+from molora.merging import merge_fixed_gates, resolve_fixed_gates
 from molora.patcher import InjectionReport, inject, molora_layers, unload
 from molora.routers import ROUTERS
 from molora.utils import atomic_write
@@ -235,21 +236,34 @@ class MoLoRAModel(nn.Module):
             param.requires_grad_(self._saved_requires_grad.get(name, param.requires_grad))
         return model
 
-    def merge_and_unload(self, task_id: int | None = None) -> nn.Module:
-        """The plain base model with the mixture written into its weights, for deployment at base-model speed.
+    def merge_and_unload(
+        self,
+        task_id: int | None = None,
+        *,
+        expert: int | None = None,
+        weights: Sequence[float] | torch.Tensor | None = None,
+        safe_merge: bool = False,
+    ) -> nn.Module:
+        """The plain base model with a fixed mixture written into its weights, for deployment at base-model speed.
 
-        Only token-independent routing can be merged: router='task' for one task (task_id), or single experts.
-        The mixture is checked for every layer before any weight changes.
+        Token-level routing has no single matrix, so the gates must be fixed: the task router's for task_id, one
+        expert (expert=i) or user weights over the experts (weights=[...]); a module with one expert merges as it
+        is. Every module is checked before any weight changes; safe_merge=True also refuses non-finite results.
         """
-        layers = [layer for _, layer in self._layers]
-        for layer in layers:
-            layer.fixed_gates(task_id)
+        layers = list(self._layers)
+        gates = resolve_fixed_gates(layers, task_id=task_id, expert=expert, weights=weights)
         was_training = self.training
         self.eval()
-        for layer in layers:
-            layer.merge_into_base(task_id)
+        merge_fixed_gates(layers, gates, safe_merge=safe_merge)
         self.train(was_training)
         return self.unload()
+
+    @classmethod
+    def from_peft_adapters(cls, base: nn.Module, adapters: Sequence[str | Path], **options: Any) -> MoLoRAModel:
+        """One expert per PEFT LoRA adapter folder, with a router over them; see molora.peft_interop."""
+        from molora.peft_interop import from_peft_adapters  # above the model in the dependency order
+
+        return from_peft_adapters(base, adapters, **options)
 
     # Parameters -------------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
