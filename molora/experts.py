@@ -24,6 +24,9 @@ class Experts(nn.Module):
     expert_type: ClassVar[str] = ""
     has_rank: ClassVar[bool] = True  # r rows per expert; False: rank-1 experts (the config's rank is unused)
     can_share_input_side: ClassVar[bool] = False  # share_lora_a: one input side for all experts (HydraLoRA)
+    # {parameter: the axis of its features} (d_in for input sides, d_out for output sides): INT8 export scales each
+    # rank component over it (molora.quantize). Empty: the factors are saved unquantised.
+    feature_axes: ClassVar[dict[str, int]] = {}
 
     def __init__(self, in_features: int, out_features: int, num_experts: int):
         super().__init__()
@@ -133,6 +136,7 @@ class LoRAExperts(Experts):
 
     expert_type = "lora"
     can_share_input_side = True
+    feature_axes = {"lora_A": -1, "lora_B": -2}  # A [E, r, d_in] (or [r, d_in] shared), B [E, d_out, r]
 
     def __init__(
         self,
@@ -214,6 +218,7 @@ class Rank1Experts(Experts):
 
     expert_type = "rank1"
     has_rank = False
+    feature_axes = {"u": -1, "v": -1}  # u [E, d_in], v [E, d_out]: one rank component per expert
 
     def __init__(
         self,

@@ -28,6 +28,7 @@ from molora.layer import MoLoRALinear
 from molora.losses import BalanceWindow, aux_term_means, layer_aux_terms
 from molora.merging import merge_fixed_gates, resolve_fixed_gates
 from molora.patcher import InjectionReport, inject, molora_layers, unload
+from molora.quantize import QUANTIZATION_FORMAT, dequantize_state_dict, is_quantized, quantize_adapters
 from molora.routers import ROUTERS
 from molora.utils import atomic_write
 
@@ -312,14 +313,21 @@ class MoLoRAModel(nn.Module):
         self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
     # Save and load ----------------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | Path) -> None:
+    def save_pretrained(self, save_directory: str | Path, bits: int | None = None) -> None:
+        """The adapter (experts, routers) and its config; bits=8 stores the expert factors as int8 with scales."""
         from safetensors.torch import save_file
 
         directory = Path(save_directory)
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"save_pretrained: {directory} exists and is not a directory")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
-        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+        metadata = {"format": "pt"}
+        if bits is None:
+            state = self.adapter_state_dict()
+        else:
+            state = quantize_adapters(self, bits)
+            metadata["molora_quantization"] = QUANTIZATION_FORMAT
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata=metadata))
         self.molora_config.to_json_file(directory / CONFIG_NAME)
 
     @classmethod
@@ -345,6 +353,8 @@ class MoLoRAModel(nn.Module):
             raise ValueError(f"{weights} is not a readable safetensors file ({err})") from None
         molora = cls(model, config, verbose=verbose)
         try:
+            if is_quantized(state):
+                state = dequantize_state_dict(state)
             molora.load_result = molora.load_adapter_state_dict(state, strict=strict)
         except ValueError as err:
             molora.unload()
