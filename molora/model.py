@@ -25,7 +25,7 @@ from molora.context import (
 from molora.inputs import CallShape, check_batch, first_input, prompt_mask_tensor, task_id_tensor
 from molora.inspect import RoutingRecorder
 from molora.layer import MoLoRALinear
-from molora.losses import BalanceWindow, aux_term_means, layer_aux_terms
+from molora.losses import AUX_LOSSES, BalanceWindow, aux_term_means, expert_term_means, layer_aux_terms
 from molora.merging import merge_fixed_gates, resolve_fixed_gates
 from molora.patcher import InjectionReport, inject, molora_layers, unload
 from molora.quantize import QUANTIZATION_FORMAT, dequantize_state_dict, is_quantized, quantize_adapters
@@ -167,15 +167,27 @@ class MoLoRAModel(nn.Module):
         entries = [layer.last_route for _, layer in layers]
         terms = [route.cache.get("aux_terms") for route, _ in entries]
         if any(t is None for t in terms):
-            terms = layer_aux_terms(entries, tuple(self.molora_config.aux_losses))
+            terms = layer_aux_terms(entries, self._routing_loss_names())
             for (route, _), layer_terms in zip(entries, terms, strict=True):
                 route.cache["aux_terms"] = layer_terms
         return [(name, layer_terms) for (name, _), layer_terms in zip(layers, terms, strict=True)]
 
     def aux_loss_terms(self, per_layer: bool = False) -> dict[str, Any]:
-        """{loss name: mean over layers} of the last forward; per_layer=True gives {layer: {loss name: value}}."""
+        """{loss name: mean over layers} of the last forward; per_layer=True gives {layer: {loss name: value}}.
+
+        Penalties on the experts' parameters (molora.losses.EXPERT_LOSSES: rank_sparsity) join the routing losses."""
+        names = tuple(self.molora_config.aux_losses)
         if per_layer:
-            return {name: dict(terms) for name, terms in self._layer_aux_terms()}
+            terms = {name: dict(terms) for name, terms in self._layer_aux_terms()}
+            for name, layer in self._layers:
+                terms.setdefault(name, {}).update(expert_term_means([layer.experts], names))
+            return {name: layer_terms for name, layer_terms in terms.items() if layer_terms}
+        return self._routing_term_means() | expert_term_means([layer.experts for _, layer in self._layers], names)
+
+    def _routing_loss_names(self) -> tuple[str, ...]:
+        return tuple(name for name in self.molora_config.aux_losses if name in AUX_LOSSES)
+
+    def _routing_term_means(self) -> dict[str, torch.Tensor]:
         layers = [(name, layer) for name, layer in self._layers if layer.last_route is not None]
         if not layers:
             return {}
@@ -192,7 +204,7 @@ class MoLoRAModel(nn.Module):
             or len(cached[0]) != len(routes)
             or any(ref() is not route for ref, route in zip(cached[0], routes, strict=True))
         ):
-            means = aux_term_means(entries, tuple(self.molora_config.aux_losses))
+            means = aux_term_means(entries, self._routing_loss_names())
             cached = self._aux_means = ([weakref.ref(route) for route in routes], means)
         return dict(cached[1])
 

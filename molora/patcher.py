@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from molora.config import MoLoRAConfig, pattern_lookup
-from molora.experts import EXPERTS, build_experts
+from molora.experts import EXPERTS, RankGates, build_experts
 from molora.layer import MoLoRALinear
+from molora.losses import AUX_LOSSES
 from molora.routers import ROUTERS
 
 try:
@@ -250,6 +251,10 @@ def _build_layer(
         device=weight.device,
         share_a=config.share_lora_a,
     )
+    if config.rank_gates:
+        experts.rank_gates = RankGates(
+            experts.num_experts, experts.rows_per_expert, config.rank_gate_temperature, device=weight.device
+        )
     router = None
     if owner is None or owner == name:
         router_class = ROUTERS[config.router]
@@ -269,7 +274,7 @@ def _build_layer(
         scaling=scaling,
         dropout=config.dropout,
         role=role,
-        aux_loss_names=tuple(config.aux_losses),
+        aux_loss_names=tuple(n for n in config.aux_losses if n in AUX_LOSSES),  # read from the routing
         dispatch=config.dispatch,
         num_shared=config.shared_experts,
         gate_multiplier=gate_multiplier,

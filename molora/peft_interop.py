@@ -134,7 +134,8 @@ def export_peft(
         "modules_to_save": None,
     }
     atomic_write(directory / PEFT_WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    atomic_write_text(directory / PEFT_CONFIG_NAME, json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    # not sort_keys: PEFT takes the first rank_pattern/alpha_pattern key that matches
+    atomic_write_text(directory / PEFT_CONFIG_NAME, json.dumps(adapter_config, indent=2) + "\n")
     return adapter_config
 
 
