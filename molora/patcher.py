@@ -56,6 +56,7 @@ class InjectionReport:
     unused_patterns: dict[str, list[str]] = field(default_factory=dict)
     trainable_params: int = 0
     total_params: int = 0
+    effective_ranks: dict[str, list[int]] | None = None  # after training with rank gates: kept per expert
 
     def __str__(self) -> str:
         lines = [
@@ -74,6 +75,9 @@ class InjectionReport:
             lines.append(f"excluded by exclude_modules: {', '.join(self.excluded)}")
         for name, patterns in self.unused_patterns.items():
             lines.append(f"WARNING {name}: patterns that matched no targeted module: {patterns}")
+        if self.effective_ranks:
+            lines.append("rank kept by the rank gates, per expert:")
+            lines += [f"  {name:<46} {' '.join(map(str, ranks))}" for name, ranks in self.effective_ranks.items()]
         if self.total_params:
             pct = 100 * self.trainable_params / self.total_params
             lines.append(

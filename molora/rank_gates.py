@@ -35,6 +35,26 @@ def set_active_fraction(model: nn.Module, fraction: float | None) -> None:
         layer.experts.rank_limit = limit
 
 
+def check_rank_schedule(schedule: object) -> None:
+    if not isinstance(schedule, dict) or set(schedule) != {"start", "full_at"}:
+        raise ValueError(
+            f"train.rank_schedule must be {{start: fraction, full_at: fraction}} or null, got {schedule!r}"
+        )
+    for key, value in schedule.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"train.rank_schedule.{key} must be a fraction in (0, 1], got {value!r}")
+
+
+def scheduled_fraction(schedule: dict[str, float] | None, step: int, steps: int) -> float | None:
+    """The active rank fraction at `step` (0-based) of `steps`: a pure function of the step, so resuming needs no
+    state; None (the whole rank) without a schedule or once it is reached."""
+    if schedule is None:
+        return None
+    progress = step / max(schedule["full_at"] * steps, 1)
+    fraction = schedule["start"] + (1 - schedule["start"]) * progress
+    return None if fraction >= 1 else fraction
+
+
 def effective_ranks(model: nn.Module) -> dict[str, list[int]]:
     """{module: components each expert keeps (hard gates and the rank schedule)}; modules without gates report r."""
     base = getattr(model, "base_model", model)

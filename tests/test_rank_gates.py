@@ -172,3 +172,33 @@ def test_config_refuses_what_rank_gates_cannot_do():
         MoLoRAConfig(rank_gates=True, rank_gate_temperature=0)
     with pytest.raises(ValueError, match="prune_ranks needs a model trained with rank_gates=True"):
         prune_ranks(get_molora_model(build_base("llama"), molora_config("llama")))
+
+
+def test_a_run_logs_the_ranks_and_reports_what_the_gates_kept(tmp_path, capsys):
+    import json
+    import math
+
+    from molora.run_config import RunConfig
+    from molora.training import train
+    from tests.tiny import save_tiny_model, tiny_run_config, write_toy_domains
+
+    spec = tiny_run_config(
+        save_tiny_model(tmp_path / "model"),
+        write_toy_domains(tmp_path / "toy.jsonl"),
+        steps=8,
+        eval_every=2,
+        rank_schedule={"start": 0.25, "full_at": 0.5},
+    )
+    spec["molora"] |= {"rank_gates": True, "aux_losses": {"balance": 0.01, "rank_sparsity": 0.1}}
+    result = train(RunConfig.from_dict(spec), tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ranks = {r["step"]: r for r in records if r["type"] == "ranks"}
+    assert sorted(ranks) == [0, 2, 4, 6, 8]
+    rank = spec["molora"]["rank"]
+    # at step 2 the schedule used ceil((0.25 + 0.75 * 1/4) * r) components (step 1 of a 4-step ramp); gates may
+    # close some of those, never open more
+    limit = math.ceil((0.25 + 0.75 * 1 / 4) * rank)
+    assert all(count <= limit for counts in ranks[2]["ranks"].values() for count in counts)
+    assert result["effective_ranks"] == ranks[8]["ranks"]
+    assert any("aux/rank_sparsity" in r or "rank_sparsity" in json.dumps(r) for r in records if r["type"] == "train")
+    assert "rank kept by the rank gates, per expert:" in capsys.readouterr().out
