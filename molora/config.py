@@ -125,6 +125,10 @@ class MoLoRAConfig:
     # first of them on the block input.
     routing_scope: str = "module"
     input_groups: list[str] = field(default_factory=lambda: list(DEFAULT_INPUT_GROUPS))
+    # A learned gate on every rank component of every expert (relaxed Bernoulli while training, hard in eval), with
+    # aux loss rank_sparsity pushing gates closed; molora.rank_gates.prune_ranks then removes the closed ones.
+    rank_gates: bool = False
+    rank_gate_temperature: float = 0.5
 
     def __post_init__(self) -> None:
         self.validate()
@@ -242,14 +246,25 @@ class MoLoRAConfig:
             self._check_regex("input_groups", pattern)
 
     def _validate_losses_and_levers(self) -> None:
-        from molora.losses import AUX_LOSSES
+        from molora.experts import EXPERTS
+        from molora.losses import known_aux_losses
 
         if not isinstance(self.aux_losses, dict):
             raise ValueError(f"aux_losses must be a dict {{name: weight}}, got {self.aux_losses!r}")
         for name, weight in self.aux_losses.items():
-            if name not in AUX_LOSSES:
-                raise ValueError(f"aux_losses: unknown loss {name!r}; known: {sorted(AUX_LOSSES)}")
+            if name not in known_aux_losses():
+                raise ValueError(f"aux_losses: unknown loss {name!r}; known: {known_aux_losses()}")
             _check_number(f"aux_losses[{name!r}]", weight, minimum=0, kind=float)
+        if not isinstance(self.rank_gates, bool):
+            raise ValueError(f"rank_gates must be True or False, got {self.rank_gates!r}")
+        _check_number("rank_gate_temperature", self.rank_gate_temperature, minimum=0, kind=float, strict=True)
+        if self.rank_gates and not EXPERTS[self.expert_type].has_rank:
+            raise ValueError(
+                f"rank_gates needs experts with a rank (expert_type 'lora'); a {self.expert_type!r} expert is one "
+                "rank component, so gating it would remove whole experts"
+            )
+        if "rank_sparsity" in self.aux_losses and not self.rank_gates:
+            raise ValueError("aux_losses: rank_sparsity penalises rank gates; set rank_gates=True to have them")
         _check_choice("mixture_scaling", self.mixture_scaling, MIXTURE_SCALINGS)
         _check_number("balance_window", self.balance_window, minimum=1, kind=int)
 
@@ -299,7 +314,9 @@ class MoLoRAConfig:
     def to_json_file(self, path: str | Path) -> None:
         from molora.utils import atomic_write_text
 
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        # Top-level keys sorted; pattern dicts (num_experts, rank_pattern, ...) keep their order: the first match wins.
+        data = dict(sorted(self.to_dict().items()))
+        atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> MoLoRAConfig:

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from molora.config import MoLoRAConfig, pattern_lookup
-from molora.experts import EXPERTS, build_experts
+from molora.experts import EXPERTS, RankGates, build_experts
 from molora.layer import MoLoRALinear
+from molora.losses import AUX_LOSSES
 from molora.routers import ROUTERS
 
 try:
@@ -55,6 +56,7 @@ class InjectionReport:
     unused_patterns: dict[str, list[str]] = field(default_factory=dict)
     trainable_params: int = 0
     total_params: int = 0
+    effective_ranks: dict[str, list[int]] | None = None  # after training with rank gates: kept per expert
 
     def __str__(self) -> str:
         lines = [
@@ -73,6 +75,9 @@ class InjectionReport:
             lines.append(f"excluded by exclude_modules: {', '.join(self.excluded)}")
         for name, patterns in self.unused_patterns.items():
             lines.append(f"WARNING {name}: patterns that matched no targeted module: {patterns}")
+        if self.effective_ranks:
+            lines.append("rank kept by the rank gates, per expert:")
+            lines += [f"  {name:<46} {' '.join(map(str, ranks))}" for name, ranks in self.effective_ranks.items()]
         if self.total_params:
             pct = 100 * self.trainable_params / self.total_params
             lines.append(
@@ -250,6 +255,10 @@ def _build_layer(
         device=weight.device,
         share_a=config.share_lora_a,
     )
+    if config.rank_gates:
+        experts.rank_gates = RankGates(
+            experts.num_experts, experts.rows_per_expert, config.rank_gate_temperature, device=weight.device
+        )
     router = None
     if owner is None or owner == name:
         router_class = ROUTERS[config.router]
@@ -269,7 +278,7 @@ def _build_layer(
         scaling=scaling,
         dropout=config.dropout,
         role=role,
-        aux_loss_names=tuple(config.aux_losses),
+        aux_loss_names=tuple(n for n in config.aux_losses if n in AUX_LOSSES),  # read from the routing
         dispatch=config.dispatch,
         num_shared=config.shared_experts,
         gate_multiplier=gate_multiplier,

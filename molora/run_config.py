@@ -15,6 +15,7 @@ import yaml
 
 from molora.config import MoLoRAConfig
 from molora.data import DataConfig
+from molora.rank_gates import check_rank_schedule
 from molora.routers import ROUTERS
 
 ADAPTERS = ("molora", "peft-lora", "none")
@@ -66,6 +67,9 @@ class TrainConfig:
     # consecutive evaluations, or mean routing entropy under alarm_entropy_ratio * ln(E).
     alarm_evals: int = 2
     alarm_entropy_ratio: float = 0.1
+    # Grow each module's rank by masking (molora.rank_gates): {start: fraction of the rank used at step 0, full_at:
+    # fraction of train.steps at which the whole rank is used}, linear in between; null: the whole rank throughout.
+    rank_schedule: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batch_size", "keep_checkpoints"):
@@ -84,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"train.stop_after must be an int >= 1 or null, got {self.stop_after!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.rank_schedule is not None:
+            check_rank_schedule(self.rank_schedule)
 
 
 @dataclass

@@ -38,6 +38,7 @@ from molora.data import MultiDomainData
 from molora.evaluation import CollapseAlarm, evaluate, peak_memory_mb, to_device, write_summary
 from molora.inspect import RoutingRecorder, health_summary, write_report
 from molora.model import MoLoRAModel
+from molora.rank_gates import effective_ranks, scheduled_fraction, set_active_fraction
 from molora.run_config import RunConfig, read_as_current
 from molora.run_setup import build_model, load_adapter_weights, lr_factor, make_optimizer, setup_distributed
 from molora.utils import atomic_write, atomic_write_text
@@ -118,6 +119,10 @@ def evaluate_and_log(run: Run, step: int, bar=None) -> tuple[dict[str, Any], Rou
     recorder = run.model.record_routing(domains=run.data.names) if run.routed else None
     results = evaluate(run.model, run.data, run.config, run.device, recorder)
     run.log({"step": step, "type": "eval", **{f"eval/{k}": v["loss"] for k, v in results.items()}})
+    if run.routed and (run.config.molora.rank_gates or run.config.train.rank_schedule is not None):
+        ranks = effective_ranks(run.model)
+        mean = sum(map(sum, ranks.values())) / sum(map(len, ranks.values()))
+        run.log({"step": step, "type": "ranks", "mean_rank": mean, "ranks": ranks})
     if recorder is not None:
         for message in run.alarm.check(recorder.stats()):
             run.log({"step": step, "type": "alarm", "message": message})
@@ -225,6 +230,8 @@ def _train_loop(run: Run, progress: Progress) -> dict[str, Any]:
     run.model.train()
     started, window = time.perf_counter(), Window()
     for step in range(start_step, end_step):
+        if tcfg.rank_schedule is not None:
+            set_active_fraction(run.model, scheduled_fraction(tcfg.rank_schedule, step, tcfg.steps))
         logging_step = (step + 1) % tcfg.log_every == 0 or step + 1 == end_step
         result = train_step(run, step, record_health=logging_step)
         window.tokens += result.tokens
@@ -242,6 +249,7 @@ def _train_loop(run: Run, progress: Progress) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     if end_step < tcfg.steps:  # stopped early on request; --resume continues from the checkpoint
         return {"before": progress.before, "stopped_at": end_step}
+    set_active_fraction(run.model, None)
     after, recorder = evaluate_and_log(run, tcfg.steps)
     after_val = evaluate_validation(run, tcfg.steps)
     return _finish(run, progress.before, after, end_step - start_step, seconds, recorder, after_val)
@@ -398,6 +406,9 @@ def _finish(
         if trainable:
             check_finite({n: p for n, p in run.model.named_parameters() if p.requires_grad}, "final adapter")
             run.model.save_pretrained(run.run_dir / "adapter")
+        if run.routed and config.molora.rank_gates:  # what the gates kept, in the injection report
+            run.model.injection_report.effective_ranks = result["effective_ranks"] = effective_ranks(run.model)
+            print(run.model.injection_report)
         if recorder is not None:
             title = f"Routing of {run.run_dir.name} on the eval sets"
             stats = write_report(recorder, run.run_dir / "routing", title=title)
