@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -12,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from molora.adapter_load import AdapterLoadResult
-from molora.config import CONFIG_NAME, WEIGHTS_NAME, MoLoRAConfig
+from molora.adapter_load import AdapterLoadResult, copy_adapter_state, read_adapter_files, write_adapter_files
+from molora.config import CONFIG_NAME, MoLoRAConfig
 from molora.context import (
     MaskCapture,
     RoutingContext,
@@ -28,9 +27,8 @@ from molora.layer import MoLoRALinear
 from molora.losses import AUX_LOSSES, BalanceWindow, aux_term_means, expert_term_means, layer_aux_terms
 from molora.merging import merge_fixed_gates, resolve_fixed_gates
 from molora.patcher import InjectionReport, inject, molora_layers, unload
-from molora.quantize import QUANTIZATION_FORMAT, dequantize_state_dict, is_quantized, quantize_adapters
+from molora.quantize import quantize_adapters
 from molora.routers import ROUTERS
-from molora.utils import atomic_write
 
 
 class MoLoRAModel(nn.Module):
@@ -327,20 +325,8 @@ class MoLoRAModel(nn.Module):
     # Save and load ----------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, bits: int | None = None) -> None:
         """The adapter (experts, routers) and its config; bits=8 stores the expert factors as int8 with scales."""
-        from safetensors.torch import save_file
-
-        directory = Path(save_directory)
-        if directory.exists() and not directory.is_dir():
-            raise ValueError(f"save_pretrained: {directory} exists and is not a directory")
-        metadata = {"format": "pt"}
-        if bits is None:
-            state = self.adapter_state_dict()
-        else:
-            state = quantize_adapters(self, bits)
-            metadata["molora_quantization"] = QUANTIZATION_FORMAT
-        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata=metadata))
-        self.molora_config.to_json_file(directory / CONFIG_NAME)
+        state = self.adapter_state_dict() if bits is None else quantize_adapters(self, bits)
+        write_adapter_files(Path(save_directory), state, self.molora_config)
 
     @classmethod
     def from_pretrained(
@@ -351,22 +337,10 @@ class MoLoRAModel(nn.Module):
         strict=False loads the tensors that fit, warns about the rest and keeps the result as `.load_result`. When
         loading fails, `model` is given back as it was (the injected layers are taken out again).
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         directory = Path(path)
-        weights = directory / WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-        config = MoLoRAConfig.from_json_file(directory / CONFIG_NAME)
-        try:
-            state = load_file(str(weights))
-        except SafetensorError as err:
-            raise ValueError(f"{weights} is not a readable safetensors file ({err})") from None
+        config, state = read_adapter_files(directory)
         molora = cls(model, config, verbose=verbose)
         try:
-            if is_quantized(state):
-                state = dequantize_state_dict(state)
             molora.load_result = molora.load_adapter_state_dict(state, strict=strict)
         except ValueError as err:
             molora.unload()
@@ -381,30 +355,8 @@ class MoLoRAModel(nn.Module):
         return molora
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> AdapterLoadResult:
-        """Copy checkpoint tensors into the experts and routers; never re-initialises what does not fit.
-
-        strict=True: a ValueError listing missing/unexpected keys by module and every shape mismatch, raised
-        before any tensor is copied. strict=False: copy what fits, warn with the same report and return it.
-        """
-        expected = self.adapter_state_dict()
-        result = AdapterLoadResult(
-            missing_keys=sorted(set(expected) - set(state)), unexpected_keys=sorted(set(state) - set(expected))
-        )
-        for key, target in expected.items():
-            if key not in state:
-                continue
-            if state[key].shape != target.shape:
-                result.mismatched_keys.append((key, list(state[key].shape), list(target.shape)))
-            else:
-                result.loaded_keys.append(key)
-        if strict and not result.ok:
-            raise ValueError(str(result))
-        with torch.no_grad():
-            for key in result.loaded_keys:
-                expected[key].copy_(state[key])
-        if not result.ok:
-            warnings.warn(f"{result}\n(strict=False: those tensors keep their current values)", stacklevel=2)
-        return result
+        """Copy checkpoint tensors into the experts and routers (molora.adapter_load.copy_adapter_state)."""
+        return copy_adapter_state(self.adapter_state_dict(), state, strict)
 
 
 def get_molora_model(model: nn.Module, config: MoLoRAConfig, verbose: bool = False) -> MoLoRAModel:
