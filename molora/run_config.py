@@ -71,6 +71,7 @@ class TrainConfig:
     # Grow each module's rank by masking (molora.rank_gates): {start: fraction of the rank used at step 0, full_at:
     # fraction of train.steps at which the whole rank is used}, linear in between; null: the whole rank throughout.
     rank_schedule: dict[str, float] | None = None
+    rank_gate_lr: float = 0.05  # molora.rank_gates: the learning rate of the gate logits
     # Also send metrics.jsonl's records, and the task x expert heatmap of each evaluation, to these (molora.reporting):
     # "tensorboard" (RUN/tensorboard), "wandb". Off by default.
     report_to: list[str] = field(default_factory=list)
@@ -95,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.rank_schedule is not None:
             check_rank_schedule(self.rank_schedule)
+        if not self.rank_gate_lr > 0:
+            raise ValueError(f"train.rank_gate_lr must be > 0, got {self.rank_gate_lr!r}")
 
 
 def _reporter_names(value: Any) -> list[str]:

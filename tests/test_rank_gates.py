@@ -202,3 +202,19 @@ def test_a_run_logs_the_ranks_and_reports_what_the_gates_kept(tmp_path, capsys):
     assert result["effective_ranks"] == ranks[8]["ranks"]
     assert any("aux/rank_sparsity" in r or "rank_sparsity" in json.dumps(r) for r in records if r["type"] == "train")
     assert "rank kept by the rank gates, per expert:" in capsys.readouterr().out
+
+
+def test_gate_logits_get_their_own_learning_rate_and_no_decay():
+    from molora.run_config import RunConfig
+    from molora.run_setup import make_optimizer
+
+    config = RunConfig.from_dict({"train": {"lr": 0.002, "weight_decay": 0.1, "rank_gate_lr": 0.07}})
+    model = gated_model("lora", seed=0)
+    groups = make_optimizer(model, config).param_groups
+    gates = [g for g in groups if g["lr"] == 0.07]
+    assert len(gates) == 1 and gates[0]["weight_decay"] == 0.0
+    gate_params = {id(layer.experts.rank_gates.logits) for _, layer in model._layers}
+    assert {id(p) for p in gates[0]["params"]} == gate_params
+    assert all(id(p) not in gate_params for g in groups if g is not gates[0] for p in g["params"])
+    with pytest.raises(ValueError, match="rank_gate_lr"):
+        RunConfig.from_dict({"train": {"rank_gate_lr": 0}})
