@@ -68,9 +68,13 @@ class Experts(nn.Module):
         self.rank_gates: RankGates | None = None  # config.rank_gates: a learned gate per rank component
         self.rank_limit: int | None = None  # the rank schedule: only the first rank_limit components are used
 
-    def component_mask(self) -> torch.Tensor | None:
-        """[E, r] gates of the rank components (rank gates times the schedule's mask); None when neither is on."""
-        gates = None if self.rank_gates is None else self.rank_gates()
+    def component_mask(self, hard: bool = False) -> torch.Tensor | None:
+        """[E, r] gates of the rank components (rank gates times the schedule's mask); None when neither is on.
+        hard=True: the eval-mode 0/1 gates whatever the mode (what effective ranks and pruning read)."""
+        if self.rank_gates is None:
+            gates = None
+        else:
+            gates = self.rank_gates.kept().float() if hard else self.rank_gates()
         if self.rank_limit is not None:
             rows = self.rows_per_expert
             limit = torch.arange(rows, device=self.output_side.device) < self.rank_limit

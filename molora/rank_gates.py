@@ -62,7 +62,7 @@ def effective_ranks(model: nn.Module) -> dict[str, list[int]]:
     for name, layer in molora_layers(base):
         experts = layer.experts
         with torch.no_grad():
-            mask = experts.component_mask()
+            mask = experts.component_mask(hard=True)
         if mask is None:
             ranks[name] = [experts.rows_per_expert] * experts.num_experts
         else:
@@ -79,7 +79,7 @@ def _kept_order(mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _prune_layer(name: str, layer: nn.Module) -> int:
     experts = layer.experts
-    mask = experts.component_mask() != 0  # hard gates in eval (the model is in eval mode here)
+    mask = experts.component_mask(hard=True) != 0
     shared_input = experts.lora_A.dim() == 2  # HydraLoRA: components are rows of the one shared A
     if shared_input:
         keep = mask.any(0)  # a row of A stays if any expert keeps it; the others zero it in their B

@@ -66,6 +66,8 @@ def test_eval_gates_are_hard_and_pruning_keeps_the_outputs(layout, seed):
     assert (gated - expected).abs().max() < 1e-5
     ranks = effective_ranks(model)
     assert ranks == {name: mask.sum(1).tolist() for name, mask in masks.items()}
+    assert effective_ranks(model.train()) == ranks  # the hard gates, also while training (a run logs mid-training)
+    model.eval()
     full = {name: layer.experts.rows_per_expert for name, layer in model._layers}
     report = prune_ranks(model)
     assert report["params_after"] < report["params_before"]
