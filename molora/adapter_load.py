@@ -1,8 +1,17 @@
-"""What an adapter load could use and what it could not, reported the way torch's load_state_dict does."""
+"""Adapter files: writing and reading them (fp32 or int8), and what a load could use and what it could not,
+reported the way torch's load_state_dict does."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from molora.config import CONFIG_NAME, WEIGHTS_NAME, MoLoRAConfig
+from molora.quantize import QUANTIZATION_FORMAT, dequantize_state_dict, is_quantized
+from molora.utils import atomic_write
 
 
 @dataclass
@@ -56,3 +65,64 @@ def _by_module(keys: list[str]) -> dict[str, list[str]]:
         module, tensor = (key[:cut], key[cut + 1 :]) if cut >= 0 else key.rpartition(".")[::2]
         grouped.setdefault(module, []).append(tensor)
     return grouped
+
+
+def write_adapter_files(directory: Path, state: dict[str, torch.Tensor], config: MoLoRAConfig) -> None:
+    """adapter_model.safetensors (each file replaced whole, never half-written) and molora_config.json."""
+    from safetensors.torch import save_file
+
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"save_pretrained: {directory} exists and is not a directory")
+    metadata = {"format": "pt"}
+    if is_quantized(state):
+        metadata["molora_quantization"] = QUANTIZATION_FORMAT
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    config.to_json_file(directory / CONFIG_NAME)
+
+
+def read_adapter_files(directory: Path) -> tuple[MoLoRAConfig, dict[str, torch.Tensor]]:
+    """The config and the (dequantised) tensors of an adapter folder; a missing or unreadable file is named."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+    config = MoLoRAConfig.from_json_file(directory / CONFIG_NAME)
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as err:
+        raise ValueError(f"{weights} is not a readable safetensors file ({err})") from None
+    try:
+        return config, dequantize_state_dict(state) if is_quantized(state) else state
+    except ValueError as err:
+        raise ValueError(f"{directory}: {err}") from None
+
+
+def copy_adapter_state(
+    expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], strict: bool
+) -> AdapterLoadResult:
+    """Copy checkpoint tensors into the model's (`expected`); never re-initialises what does not fit.
+
+    strict=True: a ValueError listing missing/unexpected keys by module and every shape mismatch, raised before any
+    tensor is copied. strict=False: copy what fits, warn with the same report and return it.
+    """
+    result = AdapterLoadResult(
+        missing_keys=sorted(set(expected) - set(state)), unexpected_keys=sorted(set(state) - set(expected))
+    )
+    for key, target in expected.items():
+        if key not in state:
+            continue
+        if state[key].shape != target.shape:
+            result.mismatched_keys.append((key, list(state[key].shape), list(target.shape)))
+        else:
+            result.loaded_keys.append(key)
+    if strict and not result.ok:
+        raise ValueError(str(result))
+    with torch.no_grad():
+        for key in result.loaded_keys:
+            expected[key].copy_(state[key])
+    if not result.ok:
+        warnings.warn(f"{result}\n(strict=False: those tensors keep their current values)", stacklevel=3)
+    return result

@@ -26,7 +26,7 @@ STATE_NAME = "trainer_state.pt"
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".molora-train.lock"
 # Config keys a resumed run may change: how far it goes, and how it reports.
-RESUMABLE_CHANGES = ("train.steps", "train.stop_after", "train.progress")
+RESUMABLE_CHANGES = ("train.steps", "train.stop_after", "train.progress", "train.report_to")
 
 
 class CheckpointError(ValueError):

@@ -119,5 +119,37 @@ def ablate_main(argv: list[str] | None = None) -> int:
     return 0 if any(r["status"] == "ok" for r in rows) or args.report_only else 1
 
 
+def ranks_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="molora-ranks",
+        description="Singular-value spectra and effective ranks of the targeted weights and, for a finished run, of "
+        "every expert's and every task's update, with a recommended rank per module (ranks.md, .csv, .png).",
+    )
+    parser.add_argument("--model", help="a built-in name or local model folder (default: the run's model)")
+    parser.add_argument("--run", type=Path, help="a finished molora-train run: analyse its trained adapter")
+    parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="modules to analyse without --run")
+    parser.add_argument("--output-dir", type=Path, help="default RUN/ranks, or runs/ranks-<model>")
+    args = parser.parse_args(argv)
+    from molora.ranks import analyze_base, analyze_run, write_rank_report
+
+    try:
+        if args.run is not None:
+            report, title = analyze_run(args.run, args.model)
+            out = args.output_dir or args.run / "ranks"
+        elif args.model:
+            report, title = analyze_base(args.model, args.targets)
+            out = args.output_dir or Path("runs") / f"ranks-{Path(args.model).name}"
+        else:
+            raise ValueError("give --model (base weights only) or --run (a trained adapter)")
+        write_rank_report(report, out, title)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"molora-ranks: error: {err}", file=sys.stderr)
+        return 2
+    for module, rank in report.recommended.items():
+        print(f"{module}: recommended rank {rank}")
+    print(f"wrote {out}")
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(train_main())

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from molora import allocation
+from molora.allocation import NUM_QUARTERS, is_preset
 from molora.version import __version__
 
 MIXTURE_SCALINGS = ("mean", "sum")
@@ -56,6 +58,36 @@ def _check_number(name: str, value: Any, *, minimum: int | float, kind: type, st
         raise ValueError(f"{name} must be {relation} {minimum}, got {value!r}")
 
 
+def _check_expert_preset(name: str, value: dict[str, Any]) -> None:
+    """The preset form of num_experts: {preset: NAME, min: a, max: b} or {preset: [q0, q1, q2, q3]} (allocation.py)."""
+    if unknown := sorted(set(value) - set(allocation.PRESET_KEYS), key=str):
+        # an ablation row's preset merged over a base {regex: int} dict lands here too
+        raise ValueError(
+            f"{name}: a preset takes only the keys {list(allocation.PRESET_KEYS)}, got also {unknown} "
+            "(a preset cannot be mixed with {regex: int} entries)"
+        )
+    preset = value["preset"]
+    if isinstance(preset, (list, tuple)):
+        if len(preset) != NUM_QUARTERS or "min" in value or "max" in value:
+            raise ValueError(
+                f"{name}: explicit per-quarter counts are a list of {NUM_QUARTERS} ints without min/max, got {value!r}"
+            )
+        for quarter, count in enumerate(preset):
+            _check_number(f"{name}['preset'][{quarter}]", count, minimum=1, kind=int)
+        return
+    if not isinstance(preset, str) or preset not in allocation.PRESETS:
+        raise ValueError(
+            f"{name}['preset'] must be one of {sorted(allocation.PRESETS)} or a list of {NUM_QUARTERS} per-quarter "
+            f"counts, got {preset!r}"
+        )
+    if "min" not in value or "max" not in value:
+        raise ValueError(f"{name}: preset {preset!r} needs 'min' and 'max' (experts per layer), got {value!r}")
+    _check_number(f"{name}['min']", value["min"], minimum=1, kind=int)
+    _check_number(f"{name}['max']", value["max"], minimum=1, kind=int)
+    if value["max"] < value["min"]:
+        raise ValueError(f"{name}: max ({value['max']}) must be >= min ({value['min']})")
+
+
 def _check_choice(name: str, value: Any, choices: Any) -> None:
     # isinstance first: an unhashable value (a list) would raise TypeError from `in` on a dict.
     if not isinstance(value, str) or value not in choices:
@@ -79,12 +111,14 @@ class MoLoRAConfig:
     """Configuration of a mixture of LoRA experts; keys mirror the YAML configs.
 
     target_modules: list -> exact module name or dotted suffix (as PEFT); str -> regex matched against the full name.
-    num_experts: int, or {regex: int} per module (layer-wise allocation as in MoLA); the first matching key wins.
+    num_experts: int; {regex: int} per module, the first matching key wins; or a per-layer preset (MoLA),
+        {preset: uniform|increasing|decreasing|hourglass, min: int, max: int} or {preset: [q0, q1, q2, q3]}, counts
+        per quarter of the adapted layers (molora/allocation.py states the rule).
     """
 
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     exclude_modules: list[str] | str | None = None
-    num_experts: int | dict[str, int] = 4
+    num_experts: int | dict[str, Any] = 4
     expert_type: str = "lora"
     rank: int = 8
     alpha: float = 16
@@ -125,6 +159,10 @@ class MoLoRAConfig:
     # first of them on the block input.
     routing_scope: str = "module"
     input_groups: list[str] = field(default_factory=lambda: list(DEFAULT_INPUT_GROUPS))
+    # A learned gate on every rank component of every expert (relaxed Bernoulli while training, hard in eval), with
+    # aux loss rank_sparsity pushing gates closed; molora.rank_gates.prune_ranks then removes the closed ones.
+    rank_gates: bool = False
+    rank_gate_temperature: float = 0.5
 
     def __post_init__(self) -> None:
         self.validate()
@@ -179,7 +217,11 @@ class MoLoRAConfig:
         # Imported here so that the registries (which users may extend) stay below the config in the dependency order.
         from molora.experts import EXPERTS
 
-        if isinstance(self.num_experts, dict):
+        if is_preset(self.num_experts):
+            _check_expert_preset("num_experts", self.num_experts)
+            if isinstance(self.num_experts["preset"], tuple):  # a list, as it comes back from JSON
+                self.num_experts = {**self.num_experts, "preset": list(self.num_experts["preset"])}
+        elif isinstance(self.num_experts, dict):
             if not self.num_experts:
                 raise ValueError("num_experts must be an int or a non-empty {regex: int} dict")
             _check_patterns("num_experts", self.num_experts, minimum=1, kind=int)
@@ -242,14 +284,25 @@ class MoLoRAConfig:
             self._check_regex("input_groups", pattern)
 
     def _validate_losses_and_levers(self) -> None:
-        from molora.losses import AUX_LOSSES
+        from molora.experts import EXPERTS
+        from molora.losses import known_aux_losses
 
         if not isinstance(self.aux_losses, dict):
             raise ValueError(f"aux_losses must be a dict {{name: weight}}, got {self.aux_losses!r}")
         for name, weight in self.aux_losses.items():
-            if name not in AUX_LOSSES:
-                raise ValueError(f"aux_losses: unknown loss {name!r}; known: {sorted(AUX_LOSSES)}")
+            if name not in known_aux_losses():
+                raise ValueError(f"aux_losses: unknown loss {name!r}; known: {known_aux_losses()}")
             _check_number(f"aux_losses[{name!r}]", weight, minimum=0, kind=float)
+        if not isinstance(self.rank_gates, bool):
+            raise ValueError(f"rank_gates must be True or False, got {self.rank_gates!r}")
+        _check_number("rank_gate_temperature", self.rank_gate_temperature, minimum=0, kind=float, strict=True)
+        if self.rank_gates and not EXPERTS[self.expert_type].has_rank:
+            raise ValueError(
+                f"rank_gates needs experts with a rank (expert_type 'lora'); a {self.expert_type!r} expert is one "
+                "rank component, so gating it would remove whole experts"
+            )
+        if "rank_sparsity" in self.aux_losses and not self.rank_gates:
+            raise ValueError("aux_losses: rank_sparsity penalises rank gates; set rank_gates=True to have them")
         _check_choice("mixture_scaling", self.mixture_scaling, MIXTURE_SCALINGS)
         _check_number("balance_window", self.balance_window, minimum=1, kind=int)
 
@@ -264,6 +317,11 @@ class MoLoRAConfig:
     def experts_for(self, module_name: str) -> int:
         if isinstance(self.num_experts, int):
             return self.num_experts
+        if is_preset(self.num_experts):
+            raise ValueError(
+                f"num_experts: a preset allocates by position among the adapted layers, so module {module_name!r} "
+                "alone does not fix its count; use expert_counts(every targeted name)"
+            )
         match = pattern_lookup(self.num_experts, module_name)
         if match is None:
             raise ValueError(
@@ -271,6 +329,22 @@ class MoLoRAConfig:
                 "add a catch-all such as '.*'"
             )
         return match[1]
+
+    def expert_counts(self, module_names: list[str]) -> dict[str, int]:
+        """{module: experts} for every targeted module; a preset needs them all at once (it spreads over their
+        layers), so the patcher asks once, after finding the targets and before building any layer."""
+        if is_preset(self.num_experts):
+            per_layer = allocation.layer_allocation(self.num_experts, module_names)
+            return {name: per_layer[allocation.layer_index(name)] for name in module_names}
+        return {name: self.experts_for(name) for name in module_names}
+
+    def largest_num_experts(self) -> int:
+        """The most experts any module can get (top_k may not exceed it; modules with fewer use all of theirs)."""
+        if is_preset(self.num_experts):
+            return max(allocation.preset_quarters(self.num_experts))
+        if isinstance(self.num_experts, dict):
+            return max(self.num_experts.values())
+        return self.num_experts
 
     def rank_for(self, module_name: str) -> int:
         match = pattern_lookup(self.rank_pattern, module_name)
@@ -299,7 +373,9 @@ class MoLoRAConfig:
     def to_json_file(self, path: str | Path) -> None:
         from molora.utils import atomic_write_text
 
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        # Top-level keys sorted; pattern dicts (num_experts, rank_pattern, ...) keep their order: the first match wins.
+        data = dict(sorted(self.to_dict().items()))
+        atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> MoLoRAConfig:

@@ -19,17 +19,78 @@ from torch import nn
 
 from molora.memory import GatedMix, RebuildSaved, by_expert, gate_hidden, other_saved_tensor_hooks, stack_rows
 
+# Logit of a fresh gate: sigmoid(3) = 0.95, so training starts close to the full rank (the noise still closes some).
+INITIAL_LOGIT = 3.0
+_GATE_EPSILON = 1e-6
+
+
+class RankGates(nn.Module):
+    """logits [E, r]: one gate per rank component of each expert of a module (fp32 whatever the experts' dtype)."""
+
+    def __init__(self, num_experts: int, rows: int, temperature: float, device: torch.device | None = None):
+        super().__init__()
+        self.temperature = temperature
+        self.logits = nn.Parameter(torch.full((num_experts, rows), INITIAL_LOGIT, device=device))
+
+    def forward(self) -> torch.Tensor:
+        """The gates [E, r]: a relaxed Bernoulli sample while training, the hard 0/1 mask in eval."""
+        if not self.training:
+            return self.kept().float()
+        uniform = torch.rand_like(self.logits).clamp_(_GATE_EPSILON, 1 - _GATE_EPSILON)
+        noise = uniform.log() - (-uniform).log1p()  # logistic
+        return torch.sigmoid((self.logits + noise) / self.temperature)
+
+    def kept(self) -> torch.Tensor:
+        """[E, r] bool: the components the hard gate keeps."""
+        return self.logits > 0
+
+    def keep_probability(self) -> torch.Tensor:
+        """[E, r]: P(sample > 1/2) = sigmoid(logit), the expected L0 norm per component."""
+        return torch.sigmoid(self.logits)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.logits.shape[0]}, rows={self.logits.shape[1]}, temperature={self.temperature:g}"
+
 
 class Experts(nn.Module):
     expert_type: ClassVar[str] = ""
     has_rank: ClassVar[bool] = True  # r rows per expert; False: rank-1 experts (the config's rank is unused)
     can_share_input_side: ClassVar[bool] = False  # share_lora_a: one input side for all experts (HydraLoRA)
+    # {parameter: the axis of its features} (d_in for input sides, d_out for output sides): INT8 export scales each
+    # rank component over it (molora.quantize). Empty: the factors are saved unquantised.
+    feature_axes: ClassVar[dict[str, int]] = {}
 
     def __init__(self, in_features: int, out_features: int, num_experts: int):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.num_experts = num_experts
+        self.rank_gates: RankGates | None = None  # config.rank_gates: a learned gate per rank component
+        self.rank_limit: int | None = None  # the rank schedule: only the first rank_limit components are used
+
+    def component_mask(self, hard: bool = False) -> torch.Tensor | None:
+        """[E, r] gates of the rank components (rank gates times the schedule's mask); None when neither is on.
+        hard=True: the eval-mode 0/1 gates whatever the mode (what effective ranks and pruning read)."""
+        if self.rank_gates is None:
+            gates = None
+        else:
+            gates = self.rank_gates.kept().float() if hard else self.rank_gates()
+        if self.rank_limit is not None:
+            rows = self.rows_per_expert
+            limit = torch.arange(rows, device=self.output_side.device) < self.rank_limit
+            limit = limit.float().expand(self.num_experts, rows)
+            gates = limit if gates is None else gates * limit
+        return gates
+
+    def gated_output_side(self) -> torch.Tensor:
+        """The output side with each rank component's gate applied ([E, d_out, r] or [E, d_out]): what the mixture
+        uses. Without rank gates or a schedule, the parameter itself (no op)."""
+        side = self.output_side
+        mask = self.component_mask()
+        if mask is None:
+            return side
+        shape = (mask.shape[0],) + (1,) * (side.dim() - 2) + (mask.shape[1],)
+        return side * mask.view(shape).to(side.dtype)
 
     def delta_weight(self, expert: int) -> torch.Tensor:
         """The expert's update as a [d_out, d_in] matrix (before scaling), for merging."""
@@ -54,8 +115,8 @@ class Experts(nn.Module):
         raise NotImplementedError
 
     def stacked_out(self) -> torch.Tensor:
-        """Every expert's output side as one [E*r, d_out] matrix."""
-        return stack_rows(self.output_side)
+        """Every expert's (gated) output side as one [E*r, d_out] matrix."""
+        return stack_rows(self.gated_output_side())
 
     def project(
         self, x: torch.Tensor, extras: tuple[torch.Tensor, ...] = ()
@@ -104,7 +165,7 @@ class Experts(nn.Module):
             gated = gate_hidden(hidden4, gates4, hidden.shape)
             rows = self.stacked_out()
             return scaling * (gated @ rows) if out is None else torch.addmm(out, gated, rows, alpha=scaling)
-        return GatedMix.apply(hidden, gates, self.output_side, out, inplace, scaling)
+        return GatedMix.apply(hidden, gates, self.gated_output_side(), out, inplace, scaling)
 
     def mix_grouped(self, x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The sparse mixture computing only the selected experts, each on its own tokens: x [N, d_in], gates
@@ -133,6 +194,7 @@ class LoRAExperts(Experts):
 
     expert_type = "lora"
     can_share_input_side = True
+    feature_axes = {"lora_A": -1, "lora_B": -2}  # A [E, r, d_in] (or [r, d_in] shared), B [E, d_out, r]
 
     def __init__(
         self,
@@ -181,7 +243,7 @@ class LoRAExperts(Experts):
         return self.lora_B
 
     def delta_weight(self, expert: int) -> torch.Tensor:
-        return self.lora_B[expert] @ self.lora_A[expert]
+        return self.gated_output_side()[expert] @ self.lora_A[expert]
 
 
 class SharedALoRAExperts(LoRAExperts):
@@ -206,7 +268,7 @@ class SharedALoRAExperts(LoRAExperts):
         return narrow.repeat(1, self.num_experts), rest
 
     def delta_weight(self, expert: int) -> torch.Tensor:
-        return self.lora_B[expert] @ self.lora_A
+        return self.gated_output_side()[expert] @ self.lora_A
 
 
 class Rank1Experts(Experts):
@@ -214,6 +276,7 @@ class Rank1Experts(Experts):
 
     expert_type = "rank1"
     has_rank = False
+    feature_axes = {"u": -1, "v": -1}  # u [E, d_in], v [E, d_out]: one rank component per expert
 
     def __init__(
         self,
@@ -254,7 +317,7 @@ class Rank1Experts(Experts):
         return self.v
 
     def delta_weight(self, expert: int) -> torch.Tensor:
-        return torch.outer(self.v[expert], self.u[expert])
+        return torch.outer(self.gated_output_side()[expert], self.u[expert])
 
 
 EXPERTS: dict[str, type[Experts]] = {"lora": LoRAExperts, "rank1": Rank1Experts}

@@ -186,8 +186,9 @@ def _short(name: str) -> str:
     return ".".join(parts[-3:]) if len(parts) > 3 else name
 
 
-def write_heatmaps(stats: dict[str, Any], directory: Path) -> list[str]:
-    """task_expert.png (one panel per layer) and layer_expert.png; returns the file names."""
+def task_expert_figure(stats: dict[str, Any]):
+    """The task x expert heatmap (one panel per layer) as an open matplotlib figure, None without layers: the run
+    folder's task_expert.png and the reporters (molora.reporting) draw the same picture."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,7 +196,7 @@ def write_heatmaps(stats: dict[str, Any], directory: Path) -> list[str]:
 
     layers = stats["layers"]
     if not layers:
-        return []
+        return None
     names = list(layers)
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
@@ -212,6 +213,17 @@ def write_heatmaps(stats: dict[str, Any], directory: Path) -> list[str]:
         ax.axis("off")
     fig.suptitle("share of each task's routing weight per expert")
     fig.tight_layout()
+    return fig
+
+
+def write_heatmaps(stats: dict[str, Any], directory: Path) -> list[str]:
+    """task_expert.png (one panel per layer) and layer_expert.png; returns the file names."""
+    import matplotlib.pyplot as plt
+
+    fig = task_expert_figure(stats)
+    if fig is None:
+        return []
+    layers, names = stats["layers"], list(stats["layers"])
     files = ["task_expert.png"]
     atomic_write(directory / files[0], lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

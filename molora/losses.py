@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 from functools import cached_property
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,43 @@ def register_aux_loss(name: str, stackable: bool = False):
         return fn
 
     return decorator
+
+
+# Penalties on the experts' own parameters rather than on the routing: fn(experts) -> scalar, or None for experts it
+# does not apply to. They sit in config.aux_losses beside the routing losses, averaged over the layers they apply to.
+ExpertLossFn = Callable[[Any], "torch.Tensor | None"]
+EXPERT_LOSSES: dict[str, ExpertLossFn] = {}
+
+
+def register_expert_loss(name: str):
+    def decorator(fn: ExpertLossFn) -> ExpertLossFn:
+        EXPERT_LOSSES[name] = fn
+        return fn
+
+    return decorator
+
+
+def known_aux_losses() -> list[str]:
+    return sorted(set(AUX_LOSSES) | set(EXPERT_LOSSES))
+
+
+@register_expert_loss("rank_sparsity")
+def rank_sparsity_loss(experts: Any) -> torch.Tensor | None:
+    """The mean probability that a rank component is kept (config.rank_gates): an L0 penalty on the rank."""
+    gates = getattr(experts, "rank_gates", None)
+    return None if gates is None else gates.keep_probability().mean()
+
+
+def expert_term_means(experts: list[Any], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """{expert loss: mean over the layers it applies to}; a loss no layer has is left out."""
+    means = {}
+    for name in names:
+        if name not in EXPERT_LOSSES:
+            continue
+        values = [value for value in map(EXPERT_LOSSES[name], experts) if value is not None]
+        if values:
+            means[name] = torch.stack(values).mean()
+    return means
 
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor:

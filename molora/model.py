@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from molora.adapter_load import AdapterLoadResult
-from molora.config import CONFIG_NAME, WEIGHTS_NAME, MoLoRAConfig
+from molora.adapter_load import AdapterLoadResult, copy_adapter_state, read_adapter_files, write_adapter_files
+from molora.config import CONFIG_NAME, MoLoRAConfig
 from molora.context import (
     MaskCapture,
     RoutingContext,
@@ -25,10 +24,11 @@ from molora.context import (
 from molora.inputs import CallShape, check_batch, first_input, prompt_mask_tensor, task_id_tensor
 from molora.inspect import RoutingRecorder
 from molora.layer import MoLoRALinear
-from molora.losses import BalanceWindow, aux_term_means, layer_aux_terms
+from molora.losses import AUX_LOSSES, BalanceWindow, aux_term_means, expert_term_means, layer_aux_terms
+from molora.merging import merge_fixed_gates, resolve_fixed_gates
 from molora.patcher import InjectionReport, inject, molora_layers, unload
+from molora.quantize import quantize_adapters
 from molora.routers import ROUTERS
-from molora.utils import atomic_write
 
 
 class MoLoRAModel(nn.Module):
@@ -165,15 +165,27 @@ class MoLoRAModel(nn.Module):
         entries = [layer.last_route for _, layer in layers]
         terms = [route.cache.get("aux_terms") for route, _ in entries]
         if any(t is None for t in terms):
-            terms = layer_aux_terms(entries, tuple(self.molora_config.aux_losses))
+            terms = layer_aux_terms(entries, self._routing_loss_names())
             for (route, _), layer_terms in zip(entries, terms, strict=True):
                 route.cache["aux_terms"] = layer_terms
         return [(name, layer_terms) for (name, _), layer_terms in zip(layers, terms, strict=True)]
 
     def aux_loss_terms(self, per_layer: bool = False) -> dict[str, Any]:
-        """{loss name: mean over layers} of the last forward; per_layer=True gives {layer: {loss name: value}}."""
+        """{loss name: mean over layers} of the last forward; per_layer=True gives {layer: {loss name: value}}.
+
+        Penalties on the experts' parameters (molora.losses.EXPERT_LOSSES: rank_sparsity) join the routing losses."""
+        names = tuple(self.molora_config.aux_losses)
         if per_layer:
-            return {name: dict(terms) for name, terms in self._layer_aux_terms()}
+            terms = {name: dict(terms) for name, terms in self._layer_aux_terms()}
+            for name, layer in self._layers:
+                terms.setdefault(name, {}).update(expert_term_means([layer.experts], names))
+            return {name: layer_terms for name, layer_terms in terms.items() if layer_terms}
+        return self._routing_term_means() | expert_term_means([layer.experts for _, layer in self._layers], names)
+
+    def _routing_loss_names(self) -> tuple[str, ...]:
+        return tuple(name for name in self.molora_config.aux_losses if name in AUX_LOSSES)
+
+    def _routing_term_means(self) -> dict[str, torch.Tensor]:
         layers = [(name, layer) for name, layer in self._layers if layer.last_route is not None]
         if not layers:
             return {}
@@ -190,7 +202,7 @@ class MoLoRAModel(nn.Module):
             or len(cached[0]) != len(routes)
             or any(ref() is not route for ref, route in zip(cached[0], routes, strict=True))
         ):
-            means = aux_term_means(entries, tuple(self.molora_config.aux_losses))
+            means = aux_term_means(entries, self._routing_loss_names())
             cached = self._aux_means = ([weakref.ref(route) for route in routes], means)
         return dict(cached[1])
 
@@ -235,21 +247,34 @@ class MoLoRAModel(nn.Module):
             param.requires_grad_(self._saved_requires_grad.get(name, param.requires_grad))
         return model
 
-    def merge_and_unload(self, task_id: int | None = None) -> nn.Module:
-        """The plain base model with the mixture written into its weights, for deployment at base-model speed.
+    def merge_and_unload(
+        self,
+        task_id: int | None = None,
+        *,
+        expert: int | None = None,
+        weights: Sequence[float] | torch.Tensor | None = None,
+        safe_merge: bool = False,
+    ) -> nn.Module:
+        """The plain base model with a fixed mixture written into its weights, for deployment at base-model speed.
 
-        Only token-independent routing can be merged: router='task' for one task (task_id), or single experts.
-        The mixture is checked for every layer before any weight changes.
+        Token-level routing has no single matrix, so the gates must be fixed: the task router's for task_id, one
+        expert (expert=i) or user weights over the experts (weights=[...]); a module with one expert merges as it
+        is. Every module is checked before any weight changes; safe_merge=True also refuses non-finite results.
         """
-        layers = [layer for _, layer in self._layers]
-        for layer in layers:
-            layer.fixed_gates(task_id)
+        layers = list(self._layers)
+        gates = resolve_fixed_gates(layers, task_id=task_id, expert=expert, weights=weights)
         was_training = self.training
         self.eval()
-        for layer in layers:
-            layer.merge_into_base(task_id)
+        merge_fixed_gates(layers, gates, safe_merge=safe_merge)
         self.train(was_training)
         return self.unload()
+
+    @classmethod
+    def from_peft_adapters(cls, base: nn.Module, adapters: Sequence[str | Path], **options: Any) -> MoLoRAModel:
+        """One expert per PEFT LoRA adapter folder, with a router over them; see molora.peft_interop."""
+        from molora.peft_interop import from_peft_adapters  # above the model in the dependency order
+
+        return from_peft_adapters(base, adapters, **options)
 
     # Parameters -------------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -298,15 +323,10 @@ class MoLoRAModel(nn.Module):
         self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
     # Save and load ----------------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        directory = Path(save_directory)
-        if directory.exists() and not directory.is_dir():
-            raise ValueError(f"save_pretrained: {directory} exists and is not a directory")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
-        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-        self.molora_config.to_json_file(directory / CONFIG_NAME)
+    def save_pretrained(self, save_directory: str | Path, bits: int | None = None) -> None:
+        """The adapter (experts, routers) and its config; bits=8 stores the expert factors as int8 with scales."""
+        state = self.adapter_state_dict() if bits is None else quantize_adapters(self, bits)
+        write_adapter_files(Path(save_directory), state, self.molora_config)
 
     @classmethod
     def from_pretrained(
@@ -317,18 +337,8 @@ class MoLoRAModel(nn.Module):
         strict=False loads the tensors that fit, warns about the rest and keeps the result as `.load_result`. When
         loading fails, `model` is given back as it was (the injected layers are taken out again).
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         directory = Path(path)
-        weights = directory / WEIGHTS_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-        config = MoLoRAConfig.from_json_file(directory / CONFIG_NAME)
-        try:
-            state = load_file(str(weights))
-        except SafetensorError as err:
-            raise ValueError(f"{weights} is not a readable safetensors file ({err})") from None
+        config, state = read_adapter_files(directory)
         molora = cls(model, config, verbose=verbose)
         try:
             molora.load_result = molora.load_adapter_state_dict(state, strict=strict)
@@ -345,30 +355,8 @@ class MoLoRAModel(nn.Module):
         return molora
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> AdapterLoadResult:
-        """Copy checkpoint tensors into the experts and routers; never re-initialises what does not fit.
-
-        strict=True: a ValueError listing missing/unexpected keys by module and every shape mismatch, raised
-        before any tensor is copied. strict=False: copy what fits, warn with the same report and return it.
-        """
-        expected = self.adapter_state_dict()
-        result = AdapterLoadResult(
-            missing_keys=sorted(set(expected) - set(state)), unexpected_keys=sorted(set(state) - set(expected))
-        )
-        for key, target in expected.items():
-            if key not in state:
-                continue
-            if state[key].shape != target.shape:
-                result.mismatched_keys.append((key, list(state[key].shape), list(target.shape)))
-            else:
-                result.loaded_keys.append(key)
-        if strict and not result.ok:
-            raise ValueError(str(result))
-        with torch.no_grad():
-            for key in result.loaded_keys:
-                expected[key].copy_(state[key])
-        if not result.ok:
-            warnings.warn(f"{result}\n(strict=False: those tensors keep their current values)", stacklevel=2)
-        return result
+        """Copy checkpoint tensors into the experts and routers (molora.adapter_load.copy_adapter_state)."""
+        return copy_adapter_state(self.adapter_state_dict(), state, strict)
 
 
 def get_molora_model(model: nn.Module, config: MoLoRAConfig, verbose: bool = False) -> MoLoRAModel:

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from molora.allocation import describe_preset, is_preset, layer_index
 from molora.config import MoLoRAConfig, pattern_lookup
-from molora.experts import EXPERTS, build_experts
+from molora.experts import EXPERTS, RankGates, build_experts
 from molora.layer import MoLoRALinear
+from molora.losses import AUX_LOSSES
 from molora.routers import ROUTERS
 
 try:
@@ -23,7 +25,6 @@ except ImportError:  # pragma: no cover - transformers is a dependency, this onl
     Conv1D = None
 
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
-_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|block|blocks)\.(\d+)\.")
 _CROSS_ATTENTION_INPUTS = re.compile(
     r".*(?:EncDecAttention\.(?:k|v)|encoder_attn\.(?:k_proj|v_proj)|crossattention\.self\.(?:key|value))"
 )
@@ -55,6 +56,9 @@ class InjectionReport:
     unused_patterns: dict[str, list[str]] = field(default_factory=dict)
     trainable_params: int = 0
     total_params: int = 0
+    effective_ranks: dict[str, list[int]] | None = None  # after training with rank gates: kept per expert
+    experts_per_layer: dict[int, int] = field(default_factory=dict)  # num_experts presets: {layer index: experts}
+    allocation: str = ""  # the preset that made experts_per_layer ("hourglass, quarters 8-2-2-8")
 
     def __str__(self) -> str:
         lines = [
@@ -67,12 +71,20 @@ class InjectionReport:
                 f"{m.name:<48} {m.base_type:<7} {m.in_features:>5} {m.out_features:>5} {m.num_experts:>3} "
                 f"{rank:>3} {m.scaling:>7.3g} {m.role:<7} {_router_column(m)}"
             )
+        if self.experts_per_layer:
+            layers = list(self.experts_per_layer)
+            span = f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else layers
+            counts = " ".join(str(c) for c in self.experts_per_layer.values())
+            lines.append(f"experts per layer {span}: {counts} ({self.allocation})")
         weights = ", ".join(f"{k}={v:g}" for k, v in self.aux_losses.items()) or "none"
         lines.append(f"aux losses: {weights}")
         if self.excluded:
             lines.append(f"excluded by exclude_modules: {', '.join(self.excluded)}")
         for name, patterns in self.unused_patterns.items():
             lines.append(f"WARNING {name}: patterns that matched no targeted module: {patterns}")
+        if self.effective_ranks:
+            lines.append("rank kept by the rank gates, per expert:")
+            lines += [f"  {name:<46} {' '.join(map(str, ranks))}" for name, ranks in self.effective_ranks.items()]
         if self.total_params:
             pct = 100 * self.trainable_params / self.total_params
             lines.append(
@@ -86,11 +98,6 @@ def _matches(patterns: list[str] | str, name: str) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
     return any(name == t or name.endswith("." + t) for t in patterns)
-
-
-def _layer_index(name: str) -> int | None:
-    found = _LAYER_INDEX.findall("." + name + ".")
-    return int(found[-1]) if found else None
 
 
 def _role(model: nn.Module, name: str) -> str:
@@ -142,11 +149,11 @@ def find_targets(model: nn.Module, config: MoLoRAConfig) -> tuple[list[tuple[str
         raise ValueError(f"exclude_modules={config.exclude_modules!r} excludes every module matched by target_modules")
     if config.layers_to_transform is not None:
         wanted = set(config.layers_to_transform)
-        kept = [(n, m) for n, m in kept if _layer_index(n) in wanted]
+        kept = [(n, m) for n, m in kept if layer_index(n) in wanted]
         if not kept:
             raise ValueError(
                 f"layers_to_transform={config.layers_to_transform} keeps none of the targeted modules "
-                f"(layer indices found: {sorted({_layer_index(n) for n, _ in matched} - {None})})"
+                f"(layer indices found: {sorted({layer_index(n) for n, _ in matched} - {None})})"
             )
     return kept, excluded
 
@@ -185,12 +192,14 @@ def inject(model: nn.Module, config: MoLoRAConfig) -> InjectionReport:
         raise ValueError(f"config must be a MoLoRAConfig, got {type(config).__name__}")
     config.validate()  # again: its fields may have been assigned since construction
     targets, excluded = find_targets(model, config)
+    names = [n for n, _ in targets]
+    counts = config.expert_counts(names)  # once for all: a preset spreads over the targets' layers
     layers: list[tuple[str, MoLoRALinear]] = []
     records: list[InjectedModule] = []
-    groups = routing_groups(model, targets, config)
+    groups = routing_groups(model, targets, config, counts)
     built: dict[str, MoLoRALinear] = {}
     for name, module in targets:  # build everything before touching the model
-        layer, record = _build_layer(model, name, module, config, groups.get(name), built)
+        layer, record = _build_layer(model, name, module, config, counts[name], groups.get(name), built)
         built[name] = layer
         layers.append((name, layer))
         records.append(record)
@@ -208,19 +217,22 @@ def inject(model: nn.Module, config: MoLoRAConfig) -> InjectionReport:
         for param in list(layer.experts.parameters()) + routers:
             param.requires_grad_(True)
 
-    names = [n for n, _ in targets]
     unused = {}
     for field_name in ("num_experts", "rank_pattern", "alpha_pattern"):
         patterns = getattr(config, field_name)
-        if isinstance(patterns, dict):
+        if isinstance(patterns, dict) and not is_preset(patterns):
             used = {match[0] for n in names if (match := pattern_lookup(patterns, n))}
             if missing := [p for p in patterns if p not in used]:
                 unused[field_name] = missing
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return InjectionReport(
+    report = InjectionReport(
         records, config.router, config.expert_type, dict(config.aux_losses), excluded, unused, trainable, total
     )
+    if is_preset(config.num_experts):
+        report.experts_per_layer = dict(sorted({layer_index(n): counts[n] for n in names}.items()))
+        report.allocation = describe_preset(config.num_experts)
+    return report
 
 
 def _build_layer(
@@ -228,6 +240,7 @@ def _build_layer(
     name: str,
     module: nn.Module,
     config: MoLoRAConfig,
+    num_experts: int,
     group: tuple[str, str] | None,
     built: dict[str, MoLoRALinear],
 ) -> tuple[MoLoRALinear, InjectedModule]:
@@ -235,7 +248,6 @@ def _build_layer(
     module that routes the group, built earlier) for routing_scope 'input'/'block'; None when it routes itself."""
     key, owner = group if group is not None else (None, None)
     d_in, d_out = _features(module)
-    num_experts = config.experts_for(name)
     rank, alpha = config.rank_for(name), config.alpha_for(name)
     role = _role(model, name)
     weight = module.weight
@@ -250,6 +262,10 @@ def _build_layer(
         device=weight.device,
         share_a=config.share_lora_a,
     )
+    if config.rank_gates:
+        experts.rank_gates = RankGates(
+            experts.num_experts, experts.rows_per_expert, config.rank_gate_temperature, device=weight.device
+        )
     router = None
     if owner is None or owner == name:
         router_class = ROUTERS[config.router]
@@ -269,7 +285,7 @@ def _build_layer(
         scaling=scaling,
         dropout=config.dropout,
         role=role,
-        aux_loss_names=tuple(config.aux_losses),
+        aux_loss_names=tuple(n for n in config.aux_losses if n in AUX_LOSSES),  # read from the routing
         dispatch=config.dispatch,
         num_shared=config.shared_experts,
         gate_multiplier=gate_multiplier,
@@ -284,12 +300,13 @@ def _build_layer(
 
 
 def routing_groups(
-    model: nn.Module, targets: list[tuple[str, nn.Module]], config: MoLoRAConfig
+    model: nn.Module, targets: list[tuple[str, nn.Module]], config: MoLoRAConfig, counts: dict[str, int]
 ) -> dict[str, tuple[str, str]]:
     """{module name: (group key, owner)} for the modules that share a router: routing_scope='block', the adapted
     children of one parent; 'input', the children of one parent that match one `input_groups` entry (never
     cross-attention, whose siblings read different tensors). The owner is the group's first module, which routes
-    for all of them; a group of one routes itself. Every module of a group must have the same number of experts."""
+    for all of them; a group of one routes itself. Every module of a group must have the same number of experts
+    (`counts`; a num_experts preset gives all modules of one layer the same count)."""
     if config.routing_scope == "module":
         return {}
     members: dict[str, list[str]] = {}
@@ -309,10 +326,10 @@ def routing_groups(
             continue
         owner = names[0]
         for name in names:
-            if config.experts_for(name) != config.experts_for(owner):
+            if counts[name] != counts[owner]:
                 raise ValueError(
-                    f"routing_scope={config.routing_scope!r}: {name} has {config.experts_for(name)} experts but "
-                    f"{owner}, which routes its group {key!r}, has {config.experts_for(owner)}; the modules of a "
+                    f"routing_scope={config.routing_scope!r}: {name} has {counts[name]} experts but "
+                    f"{owner}, which routes its group {key!r}, has {counts[owner]}; the modules of a "
                     "group share one routing decision"
                 )
             groups[name] = (key, owner)

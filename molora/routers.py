@@ -87,8 +87,7 @@ class Router(nn.Module):
             return
         _check_number("top_k", config.top_k, minimum=1, kind=int)
         # a module with fewer experts than top_k uses all of them (plain LoRA beside routed modules: MixLoRA)
-        counts = config.num_experts
-        largest = max(counts.values()) if isinstance(counts, dict) else counts
+        largest = config.largest_num_experts()
         if config.top_k > largest:
             raise ValueError(f"top_k={config.top_k} is larger than num_experts={largest}")
 

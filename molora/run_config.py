@@ -15,6 +15,8 @@ import yaml
 
 from molora.config import MoLoRAConfig
 from molora.data import DataConfig
+from molora.rank_gates import check_rank_schedule
+from molora.reporting import REPORTERS
 from molora.routers import ROUTERS
 
 ADAPTERS = ("molora", "peft-lora", "none")
@@ -66,8 +68,16 @@ class TrainConfig:
     # consecutive evaluations, or mean routing entropy under alarm_entropy_ratio * ln(E).
     alarm_evals: int = 2
     alarm_entropy_ratio: float = 0.1
+    # Grow each module's rank by masking (molora.rank_gates): {start: fraction of the rank used at step 0, full_at:
+    # fraction of train.steps at which the whole rank is used}, linear in between; null: the whole rank throughout.
+    rank_schedule: dict[str, float] | None = None
+    rank_gate_lr: float = 0.05  # molora.rank_gates: the learning rate of the gate logits
+    # Also send metrics.jsonl's records, and the task x expert heatmap of each evaluation, to these (molora.reporting):
+    # "tensorboard" (RUN/tensorboard), "wandb". Off by default.
+    report_to: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.report_to = _reporter_names(self.report_to)
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batch_size", "keep_checkpoints"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -84,6 +94,25 @@ class TrainConfig:
             raise ValueError(f"train.stop_after must be an int >= 1 or null, got {self.stop_after!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.rank_schedule is not None:
+            check_rank_schedule(self.rank_schedule)
+        if not self.rank_gate_lr > 0:
+            raise ValueError(f"train.rank_gate_lr must be > 0, got {self.rank_gate_lr!r}")
+
+
+def _reporter_names(value: Any) -> list[str]:
+    """train.report_to as a list of known names; a single name (`report_to: tensorboard`) is a list of one."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"train.report_to must be a list of names from {list(REPORTERS)}, got {value!r}")
+    for name in names:
+        if name not in REPORTERS:
+            close = difflib.get_close_matches(name, list(REPORTERS), n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"train.report_to: unknown reporter {name!r}; {hint}choices are {list(REPORTERS)}")
+    if len(set(names)) < len(names):
+        raise ValueError(f"train.report_to names a reporter twice: {list(names)}")
+    return list(names)
 
 
 @dataclass

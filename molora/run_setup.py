@@ -37,10 +37,18 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def make_optimizer(model: MoLoRAModel, config: RunConfig) -> torch.optim.AdamW:
-    experts = [p for n, p in model.named_parameters() if p.requires_grad and ".router." not in n]
-    routers = [p for n, p in model.named_parameters() if p.requires_grad and ".router." in n]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    gates = [p for n, p in trainable if ".rank_gates." in n]
+    routers = [p for n, p in trainable if ".router." in n]
+    experts = [p for n, p in trainable if ".router." not in n and ".rank_gates." not in n]
     router_lr = config.train.router_lr or config.train.lr * config.train.router_lr_scale
-    groups = [{"params": experts, "lr": config.train.lr}, {"params": routers, "lr": router_lr}]
+    groups = [
+        {"params": experts, "lr": config.train.lr},
+        {"params": routers, "lr": router_lr},
+        # gate logits live on a scale of a few units (they start at 3): a far larger step, and no decay towards 0,
+        # the threshold itself
+        {"params": gates, "lr": config.train.rank_gate_lr, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.train.weight_decay)
 
 

@@ -38,6 +38,8 @@ from molora.data import MultiDomainData
 from molora.evaluation import CollapseAlarm, evaluate, peak_memory_mb, to_device, write_summary
 from molora.inspect import RoutingRecorder, health_summary, write_report
 from molora.model import MoLoRAModel
+from molora.rank_gates import effective_ranks, scheduled_fraction, set_active_fraction
+from molora.reporting import Reporter, check_reporters, open_reporters
 from molora.run_config import RunConfig, read_as_current
 from molora.run_setup import build_model, load_adapter_weights, lr_factor, make_optimizer, setup_distributed
 from molora.utils import atomic_write, atomic_write_text
@@ -66,6 +68,7 @@ class Run:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     alarm: CollapseAlarm | None = None
+    reporter: Reporter = field(default_factory=Reporter)  # train.report_to, opened with the run folder
 
     @property
     def is_main(self) -> bool:
@@ -83,6 +86,7 @@ class Run:
         if self.is_main:
             with self.metrics_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            self.reporter.log_scalars(record["step"], record)
 
     def say(self, message: str, bar=None) -> None:
         if self.is_main:
@@ -91,6 +95,7 @@ class Run:
 
 def prepare_run(config: RunConfig, run_dir: Path) -> Run:
     """Seed, load the base model and data, build the adapter and its optimizer; writes nothing."""
+    check_reporters(config.train.report_to)  # a missing package is named before the model loads
     rank, world_size, device = setup_distributed()
     tcfg = config.train
     torch.manual_seed(tcfg.seed)
@@ -118,8 +123,15 @@ def evaluate_and_log(run: Run, step: int, bar=None) -> tuple[dict[str, Any], Rou
     recorder = run.model.record_routing(domains=run.data.names) if run.routed else None
     results = evaluate(run.model, run.data, run.config, run.device, recorder)
     run.log({"step": step, "type": "eval", **{f"eval/{k}": v["loss"] for k, v in results.items()}})
+    if run.routed and (run.config.molora.rank_gates or run.config.train.rank_schedule is not None):
+        ranks = effective_ranks(run.model)
+        mean = sum(map(sum, ranks.values())) / sum(map(len, ranks.values()))
+        run.log({"step": step, "type": "ranks", "mean_rank": mean, "ranks": ranks})
     if recorder is not None:
-        for message in run.alarm.check(recorder.stats()):
+        stats = recorder.stats()
+        if run.is_main:
+            run.reporter.log_routing(step, stats)
+        for message in run.alarm.check(stats):
             run.log({"step": step, "type": "alarm", "message": message})
             run.say(f"ALARM step {step}: {message}", bar)
             if run.is_main and bar is not None:
@@ -164,7 +176,7 @@ def resume_from_checkpoint(run: Run) -> Progress:
 
 
 def open_run_folder(run: Run, start_step: int) -> None:
-    """config.yaml, and metrics.jsonl cut back to what was logged up to the checkpoint resumed from."""
+    """config.yaml, metrics.jsonl cut back to what was logged up to the checkpoint resumed from, the reporters."""
     if not run.is_main:
         return
     atomic_write_text(run.run_dir / "config.yaml", yaml.safe_dump(run.config.to_dict(), sort_keys=False))
@@ -178,6 +190,7 @@ def open_run_folder(run: Run, start_step: int) -> None:
             if record["step"] <= start_step:
                 kept.append(line)
     atomic_write_text(run.metrics_path, "".join(line + "\n" for line in kept))
+    run.reporter = open_reporters(run.config.train.report_to, run.run_dir, start_step, run.config.to_dict())
 
 
 def save_run_checkpoint(run: Run, progress: Progress) -> None:
@@ -211,6 +224,7 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[
             progress.before = evaluate_and_log(run, 0)[0] if run.config.train.eval_at_start else {}
         return _train_loop(run, progress)
     finally:
+        run.reporter.close()
         if lock is not None:
             lock.release()
 
@@ -225,6 +239,8 @@ def _train_loop(run: Run, progress: Progress) -> dict[str, Any]:
     run.model.train()
     started, window = time.perf_counter(), Window()
     for step in range(start_step, end_step):
+        if tcfg.rank_schedule is not None:
+            set_active_fraction(run.model, scheduled_fraction(tcfg.rank_schedule, step, tcfg.steps))
         logging_step = (step + 1) % tcfg.log_every == 0 or step + 1 == end_step
         result = train_step(run, step, record_health=logging_step)
         window.tokens += result.tokens
@@ -242,6 +258,7 @@ def _train_loop(run: Run, progress: Progress) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     if end_step < tcfg.steps:  # stopped early on request; --resume continues from the checkpoint
         return {"before": progress.before, "stopped_at": end_step}
+    set_active_fraction(run.model, None)
     after, recorder = evaluate_and_log(run, tcfg.steps)
     after_val = evaluate_validation(run, tcfg.steps)
     return _finish(run, progress.before, after, end_step - start_step, seconds, recorder, after_val)
@@ -398,6 +415,9 @@ def _finish(
         if trainable:
             check_finite({n: p for n, p in run.model.named_parameters() if p.requires_grad}, "final adapter")
             run.model.save_pretrained(run.run_dir / "adapter")
+        if run.routed and config.molora.rank_gates:  # what the gates kept, in the injection report
+            run.model.injection_report.effective_ranks = result["effective_ranks"] = effective_ranks(run.model)
+            print(run.model.injection_report)
         if recorder is not None:
             title = f"Routing of {run.run_dir.name} on the eval sets"
             stats = write_report(recorder, run.run_dir / "routing", title=title)

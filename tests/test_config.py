@@ -80,6 +80,25 @@ def test_round_trip_through_dict_and_json(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["c.json"]  # no temp files left behind
 
 
+def test_saved_patterns_keep_their_order(tmp_path):
+    """The first matching pattern wins, so a saved config must keep each pattern dict's order: sorted keys put '.*'
+    first and gave q_proj 4 experts and rank 8 after a reload."""
+    config = MoLoRAConfig(
+        num_experts={"q_proj|v_proj": 1, ".*": 4},
+        rank_pattern={"q_proj": 4, ".*": 8},
+        alpha_pattern={"q_proj": 8.0, ".*": 32.0},
+    )
+    config.to_json_file(tmp_path / "c.json")
+    loaded = MoLoRAConfig.from_json_file(tmp_path / "c.json")
+    name = "model.layers.0.self_attn.q_proj"
+    assert (loaded.experts_for(name), loaded.rank_for(name), loaded.alpha_for(name)) == (1, 4, 8.0)
+    assert list(loaded.num_experts) == ["q_proj|v_proj", ".*"]
+    # the check can fail: the same patterns in sorted order mean something else
+    data = {k: v for k, v in config.to_dict().items() if k != "molora_version"}
+    resorted = MoLoRAConfig(**data | {"num_experts": dict(sorted(config.num_experts.items()))})
+    assert resorted.experts_for(name) == 4
+
+
 def test_unknown_keys_warn_once():
     data = MoLoRAConfig().to_dict() | {"lora_magic_unknown": 1}
     with pytest.warns(UserWarning, match="lora_magic_unknown"):

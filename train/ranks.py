@@ -1,0 +1,8 @@
+"""python -m train.ranks --model NAME [--run RUN_DIR] [--output-dir DIR]"""
+
+import sys
+
+from molora.cli import ranks_main
+
+if __name__ == "__main__":
+    sys.exit(ranks_main())
