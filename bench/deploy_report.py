@@ -1,4 +1,5 @@
-"""INT8 export of a finished run, measured: file sizes, the output error against fp32, and eval loss of both.
+"""INT8 export of a finished run, measured: file sizes, the output error against fp32, and eval loss of both; for a
+run trained with rank gates, also what prune_ranks removes and the eval loss before and after.
 
     python bench/deploy_report.py --run runs/quickstart --out docs/deploy_quickstart.md
 
@@ -75,6 +76,27 @@ def update_errors(model: MoLoRAModel) -> dict[str, float]:
     return {label: sum(values) / len(values) for label, values in errors.items() if values}
 
 
+def prune_lines(model: MoLoRAModel, data: MultiDomainData, config: RunConfig, gated_loss: float) -> list[str]:
+    """prune_ranks on the run's adapter: parameters and eval loss before (hard gates) and after."""
+    from molora.rank_gates import effective_ranks, prune_ranks
+
+    ranks = effective_ranks(model)
+    kept = [r for counts in ranks.values() for r in counts]
+    report = prune_ranks(model)
+    after = evaluate(model, data, config, torch.device("cpu"))["mean"]["loss"]
+    modules = sorted({new for _, new in report["ranks"].values()})
+    return [
+        "",
+        "## prune_ranks",
+        "",
+        f"- Rank kept per expert by the hard gates: mean {sum(kept) / len(kept):.2f} of {config.molora.rank} "
+        f"(min {min(kept)}, max {max(kept)}); module ranks after pruning: {modules}.",
+        f"- Expert parameters: {report['params_before']:,} -> {report['params_after']:,} "
+        f"({report['params_after'] / report['params_before']:.1%}).",
+        f"- Mean eval loss: gated {gated_loss:.4f} -> pruned {after:.4f} ({after - gated_loss:+.2e}).",
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="a finished run folder (config.yaml, adapter/)")
@@ -120,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     for domain, scores in losses["fp32"].items():
         if domain != "mean":
             lines.append(f"- {domain}: {scores['loss']:.4f} -> {losses['int8'][domain]['loss']:.4f}")
+    if config.molora.rank_gates:
+        lines += prune_lines(fp32, data, config, losses["fp32"]["mean"]["loss"])
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:

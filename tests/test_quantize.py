@@ -129,14 +129,18 @@ def test_bad_bits_and_broken_files_are_clear_errors(tmp_path):
         MoLoRAModel.from_pretrained(build_base("llama"), tmp_path / "int8")
 
 
-def test_the_deploy_report_measures_a_finished_run(tmp_path, capsys):
+@pytest.mark.parametrize("gated", [False, True])
+def test_the_deploy_report_measures_a_finished_run(tmp_path, gated):
     from bench.deploy_report import main
     from molora.run_config import RunConfig
     from molora.training import train
     from tests.tiny import save_tiny_model, tiny_run_config, write_toy_domains
 
     spec = tiny_run_config(save_tiny_model(tmp_path / "model"), write_toy_domains(tmp_path / "toy.jsonl"), steps=8)
+    if gated:
+        spec["molora"] |= {"rank_gates": True, "aux_losses": {"rank_sparsity": 1.0}}
     train(RunConfig.from_dict(spec), tmp_path / "run")
     main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "report.md")])
     report = (tmp_path / "report.md").read_text()
     assert "x smaller" in report and "mean eval loss" in report and "per output channel of B" in report
+    assert ("## prune_ranks" in report) == gated
