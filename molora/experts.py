@@ -71,9 +71,8 @@ class Experts(nn.Module):
     def component_mask(self, hard: bool = False) -> torch.Tensor | None:
         """[E, r] gates of the rank components (rank gates times the schedule's mask); None when neither is on.
         hard=True: the eval-mode 0/1 gates whatever the mode (what effective ranks and pruning read)."""
-        if self.rank_gates is None:
-            gates = None
-        else:
+        gates = None
+        if self.rank_gates is not None:
             gates = self.rank_gates.kept().float() if hard else self.rank_gates()
         if self.rank_limit is not None:
             rows = self.rows_per_expert
