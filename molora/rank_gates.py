@@ -84,7 +84,7 @@ def _prune_layer(name: str, layer: nn.Module) -> int:
     if shared_input:
         keep = mask.any(0)  # a row of A stays if any expert keeps it; the others zero it in their B
         rank = max(int(keep.sum()), 1)
-        rows = torch.argsort((~keep).int() * keep.numel() + torch.arange(keep.numel(), device=keep.device))[:rank]
+        rows = _kept_order(keep.unsqueeze(0))[0, :rank]
         output_side = experts.lora_B * mask.unsqueeze(1).to(experts.lora_B.dtype)
         new_a, new_b = experts.lora_A[rows].clone(), output_side[:, :, rows].clone()
     else:
