@@ -124,20 +124,26 @@ def ranks_main(argv: list[str] | None = None) -> int:
         prog="molora-ranks",
         description="Singular-value spectra and effective ranks of the targeted weights and, for a finished run, of "
         "every expert's and every task's update, with a recommended rank per module (ranks.md, .csv, .png).",
+        epilog="examples: molora-ranks --run runs/quickstart; molora-ranks --model smollm2-135m --targets q_proj",
     )
-    parser.add_argument("--model", help="a built-in name or local model folder (default: the run's model)")
+    parser.add_argument("--model", help="a built-in name or local model folder (with --run: instead of the run's)")
     parser.add_argument("--run", type=Path, help="a finished molora-train run: analyse its trained adapter")
-    parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="modules to analyse without --run")
-    parser.add_argument("--output-dir", type=Path, help="default RUN/ranks, or runs/ranks-<model>")
+    parser.add_argument(
+        "--targets", nargs="+", help="module names or suffixes (default q_proj v_proj; with --run: all adapted)"
+    )
+    parser.add_argument(
+        "--output-dir", "--out", dest="output_dir", type=Path, help="default RUN/ranks or runs/ranks-<model>"
+    )
     args = parser.parse_args(argv)
-    from molora.ranks import analyze_base, analyze_run, write_rank_report
+    from molora.rank_report import write_rank_report
+    from molora.ranks import analyze_base, analyze_run
 
     try:
         if args.run is not None:
-            report, title = analyze_run(args.run, args.model)
+            report, title = analyze_run(args.run, args.model, args.targets)
             out = args.output_dir or args.run / "ranks"
         elif args.model:
-            report, title = analyze_base(args.model, args.targets)
+            report, title = analyze_base(args.model, args.targets or ["q_proj", "v_proj"])
             out = args.output_dir or Path("runs") / f"ranks-{Path(args.model).name}"
         else:
             raise ValueError("give --model (base weights only) or --run (a trained adapter)")
@@ -145,8 +151,13 @@ def ranks_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"molora-ranks: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # from_pretrained: a name that is neither built in, a folder, nor reachable on the hub
+        print(f"molora-ranks: error: cannot load the model: {err}", file=sys.stderr)
+        return 2
     for module, rank in report.recommended.items():
-        print(f"{module}: recommended rank {rank}")
+        print(f"{module}: needs {report.needed[module]}, recommended rank {rank}")
+    if not report.recommended:
+        print("base weights only: no rank recommended (see ranks.md)")
     print(f"wrote {out}")
     return 0
 

@@ -2,32 +2,36 @@
 
 For each targeted module: the spectrum of its base weight, of each expert's update dW_e = scaling * B_e A_e, and,
 given the routing of a run's eval sets, of each task's routing-weighted mean update sum_e g_te dW_e (g_te: the mean
-gate of expert e on task t's tokens). The effective rank at energy p is the smallest k whose top-k singular values
-hold a fraction p of sum(s^2).
+gate of expert e over task t's tokens, so the update of the task's average token). The effective rank at energy p is
+the smallest k whose top-k singular values hold a fraction p of sum(s^2).
 
 Recommended rank per module (only with trained experts): the 90 % effective rank of the task updates (of the expert
 updates when no routing is given), the largest over tasks, rounded up to a power of two and clipped to [1, the
 trained rank]. A base weight's spectrum says how spread the pretrained map is, not how large an update the data needs,
-so nothing is recommended from it alone.
+so nothing is recommended from it alone. Writers (markdown, CSV, plot) are in molora.rank_report.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import einops
 import torch
 from torch import nn
 
-from molora.patcher import molora_layers
-from molora.utils import atomic_write, atomic_write_text
+from molora.config import MoLoRAConfig
+from molora.inspect import RoutingRecorder
+from molora.layer import MoLoRALinear
+from molora.memory import stack_rows
+from molora.patcher import _matches, find_targets, molora_layers
 
 ENERGIES = (0.8, 0.9, 0.95)
 RECOMMEND_AT = 0.9
+Targets = list[str] | str | MoLoRAConfig
 
 
 def effective_rank(singular_values: torch.Tensor, energy: float) -> int:
@@ -43,20 +47,20 @@ def effective_rank(singular_values: torch.Tensor, energy: float) -> int:
 
 
 def low_rank_singular_values(output_side: torch.Tensor, input_side: torch.Tensor) -> torch.Tensor:
-    """The singular values of B @ A (B [d_out, r], A [r, d_in]) from an r x r problem, in float64.
+    """The singular values of B @ A (B [d_out, r], A [r, d_in]) from an r x r problem, in float64 on the CPU.
 
     With A^T = Q_a R_a and B = Q_b R_b (thin QR, orthonormal Q), B A = Q_b (R_b R_a^T) Q_a^T: the same nonzero
     singular values as R_b R_a^T, without forming the d_out x d_in product."""
-    _, r_b = torch.linalg.qr(output_side.detach().double())
-    _, r_a = torch.linalg.qr(input_side.detach().double().T)
+    _, r_b = torch.linalg.qr(output_side.detach().to("cpu", torch.float64))
+    _, r_a = torch.linalg.qr(input_side.detach().to("cpu", torch.float64).T)
     return torch.linalg.svdvals(r_b @ r_a.T)
 
 
 @dataclass
 class Spectrum:
     module: str
-    kind: str  # "base", "expert 2", "task news"
-    rank: int | None  # the trained rank (None for a base weight)
+    kind: str  # "base", "expert 2", "shared 0", "task news"
+    rank: int | None  # the trained rank per expert (None for a base weight)
     singular_values: list[float]
 
     def effective(self, energy: float) -> int:
@@ -66,146 +70,177 @@ class Spectrum:
 @dataclass
 class RankReport:
     spectra: list[Spectrum] = field(default_factory=list)
+    needed: dict[str, int] = field(default_factory=dict)  # the 90 % rank the rule reads, before rounding/clipping
     recommended: dict[str, int] = field(default_factory=dict)
 
 
-def _round_up_power_of_two(value: int) -> int:
-    return 1 if value <= 1 else 2 ** math.ceil(math.log2(value))
+def recommend(needed: int, trained_rank: int) -> int:
+    """The rule: `needed` rounded up to a power of two, clipped to [1, trained_rank]."""
+    rounded = 1 if needed <= 1 else 2 ** math.ceil(math.log2(needed))
+    return max(1, min(rounded, trained_rank))
 
 
-def _task_gates(stats: dict[str, Any] | None, owner: str) -> dict[str, torch.Tensor]:
-    """{task: mean gates [E]} of the router deciding `owner`, from RoutingRecorder.stats()."""
-    if stats is None or owner not in stats["layers"]:
+def mean_task_gates(routing: RoutingRecorder | Mapping[str, Any] | None) -> dict[str, dict[str, torch.Tensor]]:
+    """{router layer: {task: mean gate per routed expert [E]}} from a RoutingRecorder (summed gates / tokens: what
+    the task's average token applies) or from its stats() (task_expert: each task's share of the summed gates, the
+    same when every token's gates sum to 1, as with softmax and renormalised top-k; switch's are smaller)."""
+    if routing is None:
         return {}
-    rows = stats["layers"][owner]["task_expert"]
-    return {task: torch.tensor(row, dtype=torch.float64) for task, row in zip(stats["tasks"], rows, strict=True)}
+    if isinstance(routing, RoutingRecorder):
+        result = {}
+        for layer in routing.layers:
+            if routing.weight[layer]:
+                weight, _, tokens = routing.matrices(layer)
+                means = weight.double() / tokens.double().clamp_min(1).unsqueeze(-1)
+                pairs = zip(routing.task_names(), means, tokens, strict=True)
+                result[layer] = {task: gates for task, gates, count in pairs if count > 0}
+        return result
+    if not isinstance(routing, Mapping) or "layers" not in routing or "tasks" not in routing:
+        raise ValueError("routing must be a RoutingRecorder or its stats() (a dict with 'tasks' and 'layers')")
+    return {
+        layer: {
+            t: torch.tensor(row, dtype=torch.float64) for t, row in zip(routing["tasks"], s["task_expert"], strict=True)
+        }
+        for layer, s in routing["layers"].items()
+    }
+
+
+def _base_spectrum(name: str, weight: torch.Tensor) -> Spectrum:
+    if not weight.is_floating_point():
+        raise ValueError(f"{name}: its weight is {weight.dtype} (quantised?); load the model unquantised to analyse it")
+    return Spectrum(name, "base", None, torch.linalg.svdvals(weight.detach().to("cpu", torch.float64)).tolist())
+
+
+def _factors(layer: MoLoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input sides [E, r, d_in], output sides [E, r, d_out]) in float64 on the CPU, with the eval-mode rank gates and
+    rank schedule applied to the output side, as the forward in eval uses them."""
+    experts = layer.experts
+    side = experts.output_side.detach().to("cpu", torch.float64)
+    mask = experts.component_mask(hard=True)
+    if mask is not None:
+        shape = (mask.shape[0],) + (1,) * (side.dim() - 2) + (mask.shape[1],)
+        side = side * mask.detach().to("cpu", torch.float64).view(shape)
+    count, rows = experts.num_experts, experts.rows_per_expert
+    input_side = experts.stacked_in().detach().to("cpu", torch.float64).view(count, rows, -1)
+    return input_side, stack_rows(side).view(count, rows, -1)
+
+
+def _update_spectra(name: str, layer: MoLoRALinear, task_gates: dict[str, torch.Tensor]) -> list[Spectrum]:
+    """Each expert's update, then each task's mean update (routed gates times gate_multiplier, shared experts 1)."""
+    input_side, output_side = _factors(layer)
+    count, rows = input_side.shape[:2]
+    routed = count - layer.num_shared
+    spectra = []
+    for e in range(count):
+        values = low_rank_singular_values(output_side[e].T, input_side[e]) * abs(layer.scaling)
+        kind = f"expert {e}" if e < routed else f"shared {e - routed}"
+        spectra.append(Spectrum(name, kind, rows, values.tolist()))
+    stacked_in = einops.rearrange(input_side, "e r i -> (e r) i")
+    for task, gates in task_gates.items():
+        if gates.shape[0] != routed:
+            raise ValueError(f"{name}: the routing has {gates.shape[0]} gates per token, the module {routed} experts")
+        coefficients = torch.cat([gates.double() * layer.gate_multiplier, gates.new_ones(count - routed).double()])
+        weighted = einops.rearrange(output_side * coefficients.view(-1, 1, 1), "e r o -> o (e r)")
+        values = low_rank_singular_values(weighted, stacked_in) * abs(layer.scaling)
+        spectra.append(Spectrum(name, f"task {task}", rows, values.tolist()))
+    return spectra
+
+
+def _select(layers: list[tuple[str, MoLoRALinear]], targets: Targets | None) -> list[tuple[str, MoLoRALinear]]:
+    if targets is None:
+        return layers
+    patterns = targets.target_modules if isinstance(targets, MoLoRAConfig) else targets
+    adapted = sorted({n.rsplit(".", 1)[-1] for n, _ in layers})
+    singles = [patterns] if isinstance(patterns, str) else [[pattern] for pattern in patterns]  # regex, or names
+    for single in singles:
+        if not any(_matches(single, n) for n, _ in layers):
+            pattern = single if isinstance(single, str) else single[0]
+            raise ValueError(f"target {pattern!r} matches none of the adapted modules; adapted: {adapted}")
+    return [(n, layer) for n, layer in layers if _matches(patterns, n)]
 
 
 @torch.no_grad()
-def analyze_ranks(model: nn.Module, routing: dict[str, Any] | None = None, base: bool = True) -> RankReport:
-    """Spectra of every targeted module of a MoLoRAModel; `routing` (RoutingRecorder.stats() of its eval sets)
-    adds each task's routing-weighted update. Experts still at zero (untrained, B = 0) are left out."""
-    layers = molora_layers(getattr(model, "base_model", model))
-    if not layers:
-        raise ValueError("analyze_ranks: the model holds no MoLoRA layers (inject experts first)")
+def analyze_ranks(
+    model: nn.Module,
+    routing: RoutingRecorder | Mapping[str, Any] | None = None,
+    *,
+    targets: Targets | None = None,
+    base: bool = True,
+) -> RankReport:
+    """Spectra of the targeted modules. A MoLoRAModel: its adapted modules (`targets`, names/suffixes, a regex or a
+    MoLoRAConfig's target_modules, narrows them), their base weights (unless base=False) and trained updates;
+    `routing` (the RoutingRecorder of its eval sets, or its stats()) adds each task's mean update. A plain model:
+    the base weights `targets` selects (as MoLoRAConfig.target_modules, or a MoLoRAConfig), nothing recommended.
+    Experts still at zero (B = 0) give no update spectra."""
+    from molora.model import MoLoRAModel  # above this module in the dependency order
+
+    root = model.base_model if isinstance(model, MoLoRAModel) else model
+    layers = molora_layers(root)
     report = RankReport()
-    for name, layer in layers:
+    if not layers:
+        if targets is None:
+            raise ValueError(
+                "the model holds no MoLoRA layers: give targets (module names or a regex) to analyse its base weights"
+            )
+        if routing is not None:
+            raise ValueError("routing was given but the model holds no MoLoRA layers to weigh")
+        config = targets if isinstance(targets, MoLoRAConfig) else MoLoRAConfig(target_modules=targets)
+        report.spectra = [_base_spectrum(name, module.weight) for name, module in find_targets(root, config)[0]]
+        return report
+    gates = mean_task_gates(routing)
+    for name, layer in _select(layers, targets):
         if base:
-            weight = layer.base_layer.weight.detach().double()
-            report.spectra.append(Spectrum(name, "base", None, torch.linalg.svdvals(weight).tolist()))
-        experts = layer.experts
-        rows = experts.rows_per_expert
-        if not experts.stacked_out().any():
+            report.spectra.append(_base_spectrum(name, layer.base_layer.weight))
+        if not layer.experts.output_side.any():
             continue
-        input_side = experts.stacked_in().view(experts.num_experts, rows, -1)
-        output_side = experts.stacked_out().view(experts.num_experts, rows, -1)
-        updates = []
-        for e in range(experts.num_experts):
-            values = low_rank_singular_values(output_side[e].T, input_side[e]) * abs(layer.scaling)
-            report.spectra.append(Spectrum(name, f"expert {e}", rows, values.tolist()))
-            updates.append(report.spectra[-1])
-        tasks = []
-        for task, gates in _task_gates(routing, layer.group_owner.layer_name).items():
-            shared = gates.new_ones(experts.num_experts - gates.shape[0])  # shared experts: always on, weight 1
-            coefficients = torch.cat([gates * layer.gate_multiplier, shared]).repeat_interleave(rows)
-            coefficients = coefficients.to(output_side.dtype)
-            stacked_b = (output_side.reshape(-1, output_side.shape[-1]) * coefficients.unsqueeze(-1)).T
-            values = low_rank_singular_values(stacked_b, input_side.reshape(-1, input_side.shape[-1]))
-            tasks.append(Spectrum(name, f"task {task}", rows, (values * abs(layer.scaling)).tolist()))
-        report.spectra += tasks
-        needed = max(s.effective(RECOMMEND_AT) for s in (tasks or updates))
-        report.recommended[name] = min(max(_round_up_power_of_two(needed), 1), rows)
+        updates = _update_spectra(name, layer, gates.get(layer.group_owner.layer_name, {}))
+        report.spectra += updates
+        tasks = [s for s in updates if s.kind.startswith("task ")]
+        report.needed[name] = max(s.effective(RECOMMEND_AT) for s in (tasks or updates))
+        report.recommended[name] = recommend(report.needed[name], layer.experts.rows_per_expert)
+    if gates and report.needed and not any(s.kind.startswith("task ") for s in report.spectra):
+        raise ValueError(f"the routing was recorded on other routers ({sorted(gates)[:3]}...) than this model's")
     return report
 
 
-def rank_table(report: RankReport) -> list[dict[str, Any]]:
-    rows = []
-    for spectrum in report.spectra:
-        row = {"module": spectrum.module, "kind": spectrum.kind, "trained_rank": spectrum.rank}
-        row |= {f"rank@{int(e * 100)}%": spectrum.effective(e) for e in ENERGIES}
-        row["top_singular_value"] = max(spectrum.singular_values, default=0.0)
-        row["recommended"] = report.recommended.get(spectrum.module) if spectrum.kind == "base" else None
-        rows.append(row)
-    return rows
+def _load_base(name: str, task: str = "causal-lm") -> tuple[nn.Module, Any]:
+    """load_base, with a missing local folder named as such (not as a malformed hub id)."""
+    from molora.base_models import BUILTIN_MODELS, load_base
+
+    if name.startswith(("/", "./", "../")) and not Path(name).is_dir():
+        raise FileNotFoundError(f"no model folder at {name} (built-in names: {sorted(BUILTIN_MODELS)})")
+    return load_base(name, task=task)
 
 
-def _markdown(report: RankReport, title: str) -> str:
-    lines = [f"# {title}", "", "Effective rank: the fewest singular directions holding 80/90/95 % of sum(s^2)."]
-    if report.recommended:
-        lines += ["", "## Recommended rank per module", "", "| module | trained rank | recommended |", "|---|---|---|"]
-        trained = {s.module: s.rank for s in report.spectra if s.rank is not None}
-        lines += [f"| {m} | {trained.get(m, '-')} | {r} |" for m, r in report.recommended.items()]
-    lines += ["", "## Spectra", "", "| module | kind | " + " | ".join(f"rank@{int(e * 100)}%" for e in ENERGIES)]
-    lines[-1] += " | top s |"
-    lines.append("|---|---|" + "---|" * (len(ENERGIES) + 1))
-    for row in rank_table(report):
-        ranks = " | ".join(str(row[f"rank@{int(e * 100)}%"]) for e in ENERGIES)
-        lines.append(f"| {row['module']} | {row['kind']} | {ranks} | {row['top_singular_value']:.4g} |")
-    return "\n".join(lines) + "\n"
-
-
-def _plot(report: RankReport, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, kinds, title in ((axes[0], ("base",), "base weights"), (axes[1], ("expert", "task"), "updates")):
-        for spectrum in report.spectra:
-            if not spectrum.kind.startswith(kinds) or not spectrum.singular_values:
-                continue
-            power = torch.tensor(spectrum.singular_values).double().square()
-            if power.sum() > 0:
-                curve = (power.sort(descending=True).values.cumsum(0) / power.sum()).tolist()
-                ax.plot(range(1, len(curve) + 1), curve, alpha=0.3, linewidth=0.8)
-        ax.set(title=f"cumulative spectral energy: {title}", xlabel="k", ylabel="energy of the top k", ylim=(0, 1.02))
-        ax.set_xscale("log")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-
-
-def write_rank_report(report: RankReport, directory: Path, title: str = "Rank analysis") -> list[Path]:
-    """ranks.md, ranks.csv (one line per spectrum) and ranks.png (cumulative energy curves)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(directory / "ranks.md", _markdown(report, title))
-    rows = rank_table(report)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(directory / "ranks.csv", buffer.getvalue())
-    _plot(report, directory / "ranks.png")
-    return [directory / name for name in ("ranks.md", "ranks.csv", "ranks.png")]
-
-
-def analyze_run(run_dir: Path, model_name: str | None = None) -> tuple[RankReport, str]:
-    """The rank report of a finished run: its adapter, and the routing of its eval sets for the task updates."""
-    from molora.base_models import load_base
+def analyze_run(run_dir: Path, model_name: str | None = None, targets: Targets | None = None) -> tuple[RankReport, str]:
+    """The rank report of a finished run: its adapter, and the routing of its eval sets for the task updates
+    (evaluated on the GPU when there is one; the SVDs run on the CPU)."""
     from molora.data import MultiDomainData
     from molora.evaluation import evaluate
     from molora.model import MoLoRAModel
     from molora.run_config import load_run_config
+    from molora.run_setup import setup_distributed
 
+    run_dir = Path(run_dir)
     if not (run_dir / "adapter").is_dir():
         raise FileNotFoundError(f"{run_dir} has no adapter/ (is it a finished molora-train run?)")
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml (is it a molora-train run folder?)")
     config = load_run_config(run_dir / "config.yaml")
+    if config.model.adapter != "molora":
+        raise ValueError(f"{run_dir} trained model.adapter={config.model.adapter!r}, not a mixture: no experts to read")
     name = model_name or config.model.name
-    base, tokenizer = load_base(name, task=config.model.task)
-    model = MoLoRAModel.from_pretrained(base, run_dir / "adapter")
+    base, tokenizer = _load_base(name, config.model.task)
+    _, _, device = setup_distributed()
+    model = MoLoRAModel.from_pretrained(base, run_dir / "adapter").to(device)
     data = MultiDomainData(config.data, tokenizer)
     recorder = model.record_routing(domains=data.names)
-    evaluate(model, data, config, torch.device("cpu"), recorder)
-    return analyze_ranks(model, recorder.stats()), f"Rank analysis of {run_dir.name} ({name})"
+    evaluate(model, data, config, device, recorder)
+    return analyze_ranks(model, recorder, targets=targets), f"Rank analysis of {run_dir.name} ({name})"
 
 
-def analyze_base(model_name: str, targets: list[str]) -> tuple[RankReport, str]:
+def analyze_base(model_name: str, targets: list[str] | str) -> tuple[RankReport, str]:
     """The base weights' spectra of a model's targeted modules (no adapter: nothing to recommend)."""
-    from molora.base_models import load_base
-    from molora.config import MoLoRAConfig
-    from molora.model import MoLoRAModel
-
-    base, _ = load_base(model_name)
-    model = MoLoRAModel(base, MoLoRAConfig(target_modules=targets, num_experts=1, router="softmax", aux_losses={}))
-    return analyze_ranks(model), f"Rank analysis of {model_name}'s {', '.join(targets)} weights"
+    base, _ = _load_base(model_name)
+    shown = targets if isinstance(targets, str) else ", ".join(targets)
+    return analyze_ranks(base, targets=targets), f"Rank analysis of {model_name}: base weights of {shown}"

@@ -1,4 +1,4 @@
-"""python -m train.ranks --model NAME [--run RUN_DIR] [--output-dir DIR]"""
+"""python -m train.ranks [--model NAME] [--run RUN_DIR] [--targets ...] [--out DIR]"""
 
 import sys
 
