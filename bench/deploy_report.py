@@ -24,6 +24,7 @@ from molora import MoLoRAModel
 from molora.base_models import load_base
 from molora.data import MultiDomainData
 from molora.evaluation import evaluate, to_device
+from molora.patcher import molora_layers
 from molora.quantize import dequantize_tensor, quantize_tensor
 from molora.run_config import RunConfig, load_run_config
 from molora.utils import atomic_write_text
@@ -81,7 +82,13 @@ def prune_lines(model: MoLoRAModel, data: MultiDomainData, config: RunConfig, ga
     from molora.rank_gates import effective_ranks, prune_ranks
 
     ranks = effective_ranks(model)
-    kept = [r for counts in ranks.values() for r in counts]
+    trained = {name: layer.experts.rows_per_expert for name, layer in molora_layers(model.base_model)}
+    by_type: dict[tuple[str, int], list[int]] = {}
+    for name, counts in ranks.items():
+        by_type.setdefault((name.rsplit(".", 1)[-1], trained[name]), []).extend(counts)
+    kept = "; ".join(
+        f"{mtype} {sum(c) / len(c):.2f} of {rank} (min {min(c)}, max {max(c)})" for (mtype, rank), c in by_type.items()
+    )
     report = prune_ranks(model)
     after = evaluate(model, data, config, torch.device("cpu"))["mean"]["loss"]
     modules = sorted({new for _, new in report["ranks"].values()})
@@ -89,8 +96,8 @@ def prune_lines(model: MoLoRAModel, data: MultiDomainData, config: RunConfig, ga
         "",
         "## prune_ranks",
         "",
-        f"- Rank kept per expert by the hard gates: mean {sum(kept) / len(kept):.2f} of {config.molora.rank} "
-        f"(min {min(kept)}, max {max(kept)}); module ranks after pruning: {modules}.",
+        f"- Rank kept per expert by the hard gates, mean over each module type's experts: {kept}; module ranks "
+        f"after pruning: {modules}.",
         f"- Expert parameters: {report['params_before']:,} -> {report['params_after']:,} "
         f"({report['params_after'] / report['params_before']:.1%}).",
         f"- Mean eval loss: gated {gated_loss:.4f} -> pruned {after:.4f} ({after - gated_loss:+.2e}).",

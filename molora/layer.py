@@ -9,7 +9,7 @@ from torch import nn
 
 from molora.context import RoutingContext, current_context, in_backward
 from molora.experts import Experts
-from molora.routers import ROUTERS, Router, RouterInputs, RouterOutput
+from molora.routers import Router, RouterInputs, RouterOutput
 
 # Where a layer sits decides which attention mask describes its input tokens and how its router may pool:
 # "self" (decoder-only or encoder-only model), "encoder", "decoder" (always causal), "cross" (reads encoder states).
@@ -342,69 +342,6 @@ class MoLoRALinear(nn.Module):
         if self.block is not None:
             self.publish_route(route)
         return route
-
-    # Merging ------------------------------------------------------------------------------------------------------
-    def fixed_factors(self, fixed_gates: torch.Tensor, drop_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mixture under fixed gates [E] as one LoRA: (A [r', d_in], B [d_out, r']), delta = scaling * B @ A.
-
-        Each expert's output side is multiplied by its gate times gate_multiplier (shared experts by 1), exactly as
-        the forward weighs it; r' is every expert's rows, or with drop_zero only those of experts with a nonzero
-        gate (at least one expert's, so that a PEFT adapter has rank >= 1)."""
-        experts = self.experts
-        dtype = self.experts_dtype
-        coefficients = fixed_gates.to(dtype) * self.gate_multiplier
-        if self.num_shared:
-            coefficients = torch.cat([coefficients, coefficients.new_ones(self.num_shared)])
-        keep = coefficients != 0 if drop_zero else torch.ones_like(coefficients, dtype=torch.bool)
-        if not keep.any():
-            keep[0] = True
-        rows, count = experts.rows_per_expert, coefficients.shape[0]
-        input_side = experts.stacked_in().view(count, rows, self.in_features)[keep]
-        output_side = experts.stacked_out().view(count, rows, self.out_features)[keep]
-        output_side = output_side * coefficients[keep].view(-1, 1, 1)
-        return input_side.reshape(-1, self.in_features), output_side.reshape(-1, self.out_features).T
-
-    def merged_delta(self, fixed_gates: torch.Tensor) -> torch.Tensor:
-        """scaling * sum_e w_e B_e A_e as one [d_out, d_in] matrix, for fixed gates [E] (shared experts added)."""
-        input_side, output_side = self.fixed_factors(fixed_gates)
-        return self.scaling * output_side @ input_side
-
-    def fixed_gates(self, task_id: int | None) -> torch.Tensor:
-        """The gates [E] when they do not depend on the tokens: a single expert, or the task router's gate for one
-        task."""
-        router = self.routing_router
-        num_experts = router.num_experts
-        if num_experts == 1:
-            return torch.ones(1, device=self.weight.device)
-        if not router.mergeable_per_task:
-            mergeable = sorted(name for name, cls in ROUTERS.items() if cls.mergeable_per_task)
-            raise ValueError(
-                f"{self.layer_name}: router {router.name!r} weighs the experts per token, so no single matrix "
-                f"reproduces it; only a router with one gate per task ({', '.join(mergeable)}) can be merged as it "
-                "routes. To deploy a fixed choice instead, give expert=i (one expert) or weights=[w_1, ..., w_E]"
-            )
-        if task_id is None:
-            raise ValueError("merging a task router needs task_id: the gate differs per task")
-        if not 0 <= task_id < router.num_tasks:
-            raise ValueError(f"task_id must be in [0, num_tasks={router.num_tasks}), got {task_id}")
-        probe = torch.zeros(1, 1, self.in_features, device=self.weight.device)
-        task_ids = torch.tensor([task_id], device=self.weight.device)
-        return router(probe, RouterInputs(task_ids=task_ids)).gates[0, 0]
-
-    @torch.no_grad()
-    def merged_weight(self, fixed_gates: torch.Tensor) -> torch.Tensor:
-        """The base weight with the fixed mixture added, in the base layer's layout and dtype (a new tensor)."""
-        delta = self.merged_delta(fixed_gates)
-        weight = self.base_layer.weight
-        if not isinstance(self.base_layer, nn.Linear):  # transformers' Conv1D stores [d_in, d_out]
-            delta = delta.T
-        return weight + delta.to(weight.dtype)
-
-    @torch.no_grad()
-    def merge_into_base(self, fixed_gates: torch.Tensor) -> nn.Module:
-        """Write the fixed mixture into the base weight in place and return the base layer."""
-        self.base_layer.weight.copy_(self.merged_weight(fixed_gates))
-        return self.base_layer
 
     @property
     def experts_dtype(self) -> torch.dtype:

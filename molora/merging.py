@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
+
+from molora.routers import ROUTERS, RouterInputs
 
 if TYPE_CHECKING:
     from molora.layer import MoLoRALinear
@@ -36,6 +39,66 @@ def _check_weights(weights: object) -> list[float]:
             raise ValueError(f"weights must be finite numbers, got {weights!r}")
         values.append(float(value))
     return values
+
+
+def fixed_factors(
+    layer: MoLoRALinear, fixed_gates: torch.Tensor, drop_zero: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A module's mixture under fixed gates [E] as one LoRA: (A [r', d_in], B [d_out, r']), delta = scaling * B @ A.
+
+    Each expert's output side is multiplied by its gate times gate_multiplier (shared experts by 1), exactly as the
+    forward weighs it; r' is every expert's rows, or with drop_zero only those of experts with a nonzero gate (at
+    least one expert's, so that a PEFT adapter has rank >= 1)."""
+    experts = layer.experts
+    coefficients = fixed_gates.to(layer.experts_dtype) * layer.gate_multiplier
+    if layer.num_shared:
+        coefficients = torch.cat([coefficients, coefficients.new_ones(layer.num_shared)])
+    keep = coefficients != 0 if drop_zero else torch.ones_like(coefficients, dtype=torch.bool)
+    if not keep.any():
+        keep[0] = True
+    rows, count = experts.rows_per_expert, coefficients.shape[0]
+    input_side = experts.stacked_in().view(count, rows, layer.in_features)[keep]
+    output_side = experts.stacked_out().view(count, rows, layer.out_features)[keep]
+    output_side = output_side * coefficients[keep].view(-1, 1, 1)
+    return input_side.reshape(-1, layer.in_features), output_side.reshape(-1, layer.out_features).T
+
+
+def merged_delta(layer: MoLoRALinear, fixed_gates: torch.Tensor) -> torch.Tensor:
+    """scaling * sum_e w_e B_e A_e as one [d_out, d_in] matrix, for fixed gates [E] (shared experts added)."""
+    input_side, output_side = fixed_factors(layer, fixed_gates)
+    return layer.scaling * output_side @ input_side
+
+
+@torch.no_grad()
+def merged_weight(layer: MoLoRALinear, fixed_gates: torch.Tensor) -> torch.Tensor:
+    """The base weight with the fixed mixture added, in the base layer's layout and dtype (a new tensor)."""
+    delta = merged_delta(layer, fixed_gates)
+    weight = layer.base_layer.weight
+    if not isinstance(layer.base_layer, nn.Linear):  # transformers' Conv1D stores [d_in, d_out]
+        delta = delta.T
+    return weight + delta.to(weight.dtype)
+
+
+def task_gates(layer: MoLoRALinear, task_id: int | None) -> torch.Tensor:
+    """A module's gates [E] when they do not depend on the tokens: its single expert, or the task router's gate for
+    one task; a ValueError naming the alternatives for a router that weighs each token."""
+    router = layer.routing_router
+    if router.num_experts == 1:
+        return torch.ones(1, device=layer.weight.device)
+    if not router.mergeable_per_task:
+        mergeable = sorted(name for name, cls in ROUTERS.items() if cls.mergeable_per_task)
+        raise ValueError(
+            f"{layer.layer_name}: router {router.name!r} weighs the experts per token, so no single matrix "
+            f"reproduces it; only a router with one gate per task ({', '.join(mergeable)}) can be merged as it "
+            "routes. To deploy a fixed choice instead, give expert=i (one expert) or weights=[w_1, ..., w_E]"
+        )
+    if task_id is None:
+        raise ValueError("merging a task router needs task_id: the gate differs per task")
+    if not 0 <= task_id < router.num_tasks:
+        raise ValueError(f"task_id must be in [0, num_tasks={router.num_tasks}), got {task_id}")
+    probe = torch.zeros(1, 1, layer.in_features, device=layer.weight.device)
+    task_ids = torch.tensor([task_id], device=layer.weight.device)
+    return router(probe, RouterInputs(task_ids=task_ids)).gates[0, 0]
 
 
 def resolve_fixed_gates(
@@ -76,7 +139,7 @@ def resolve_fixed_gates(
                 continue
             gates[name] = torch.tensor(values, device=device)
         else:
-            gates[name] = layer.fixed_gates(task_id)
+            gates[name] = task_gates(layer, task_id)
     if wrong:
         asked = f"expert={expert}" if expert is not None else f"{len(values)} weights"
         raise ValueError(f"{asked} does not fit {len(wrong)} module(s): {', '.join(wrong[:8])}")
@@ -90,11 +153,11 @@ def merge_fixed_gates(
     """Write each module's fixed mixture into its base weight. safe_merge: first compute every merged weight and
     refuse, changing none, if any holds NaN or inf (a half-precision base can overflow where fp32 experts did not)."""
     if safe_merge:
-        broken = [name for name, layer in layers if not torch.isfinite(layer.merged_weight(gates[name])).all()]
+        broken = [name for name, layer in layers if not torch.isfinite(merged_weight(layer, gates[name])).all()]
         if broken:
             raise ValueError(
                 f"safe_merge: the merged weights of {len(broken)} module(s) hold NaN or inf ({', '.join(broken[:8])}); "
                 "no weight was changed"
             )
     for name, layer in layers:
-        layer.merge_into_base(gates[name])
+        layer.base_layer.weight.copy_(merged_weight(layer, gates[name]))

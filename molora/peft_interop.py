@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from molora.config import MoLoRAConfig
-from molora.merging import resolve_fixed_gates
+from molora.merging import fixed_factors, resolve_fixed_gates
 from molora.model import MoLoRAModel
 from molora.patcher import molora_layers
 from molora.utils import atomic_write, atomic_write_text
@@ -105,7 +105,7 @@ def export_peft(
     alphas: dict[str, float] = {}
     with torch.no_grad():
         for name, layer in layers:
-            input_side, output_side = layer.fixed_factors(gates[name], drop_zero=True)
+            input_side, output_side = fixed_factors(layer, gates[name], drop_zero=True)
             rank = input_side.shape[0]
             ranks[name] = rank
             if rank == layer.experts.adapter_rank:  # the module's own alpha, exactly (a round trip keeps it)
