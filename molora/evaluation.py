@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from molora.allocation import is_preset, preset_quarters
 from molora.base_models import load_base
 from molora.data import MultiDomainData
 from molora.inspect import DEAD_LOAD_SHARE, dead_load, write_report
@@ -115,7 +116,18 @@ def describe(config: RunConfig) -> str:
     if config.model.adapter != "molora":
         return f"adapter `{config.model.adapter}`"
     m = config.molora
-    return f"experts {m.expert_type} x{m.num_experts} (rank {m.rank}), router `{m.router}`"
+    ranks = f"rank {m.rank}" + (f" {_patterns(m.rank_pattern)}" if m.rank_pattern else "")
+    return f"experts {m.expert_type} x{_patterns(m.num_experts)}, {ranks}, router `{m.router}`"
+
+
+def _patterns(value: Any) -> str:
+    """4 -> "4"; {"q_proj|v_proj": 1, ".*": 4} -> "(q_proj|v_proj: 1, .*: 4)"; a preset -> "(hourglass 8-2-2-8)"."""
+    if is_preset(value):
+        name = value["preset"] if isinstance(value["preset"], str) else "per quarter"
+        return f"({name} {'-'.join(map(str, preset_quarters(value)))})"
+    if not isinstance(value, dict):
+        return str(value)
+    return "(" + ", ".join(f"{key}: {_patterns(item)}" for key, item in value.items()) + ")"
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -1,4 +1,5 @@
-"""The training loop, in parts that each read on their own: prepare, resume, step (with the NaN guard), log, finish.
+"""The training loop, in parts that each read on their own: prepare, resume (molora.resume), step (with the NaN
+guard), log, finish.
 
 Runs unchanged under `torchrun --nproc_per_node=N`: each rank takes its slice of every global batch, gradients
 are averaged with all_reduce, and only rank 0 writes.
@@ -17,32 +18,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch import nn
 
 from molora.base_models import load_base
-from molora.checkpoint import (
-    RESUMABLE_CHANGES,
-    NonFiniteError,
-    RunLock,
-    check_finite,
-    checkpoint_folders,
-    config_differences,
-    latest_good_checkpoint,
-    remove_staging,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from molora.checkpoint import NonFiniteError, RunLock, check_finite, checkpoint_folders, rng_state, save_checkpoint
 from molora.data import MultiDomainData
 from molora.evaluation import CollapseAlarm, evaluate, peak_memory_mb, to_device, write_summary
 from molora.inspect import RoutingRecorder, health_summary, write_report
 from molora.model import MoLoRAModel
 from molora.rank_gates import effective_ranks, scheduled_fraction, set_active_fraction
-from molora.reporting import Reporter, check_reporters, open_reporters
-from molora.run_config import RunConfig, read_as_current
-from molora.run_setup import build_model, load_adapter_weights, lr_factor, make_optimizer, setup_distributed
-from molora.utils import atomic_write, atomic_write_text
+from molora.reporting import Reporter, check_reporters
+from molora.resume import Progress, open_run_folder, resume_from_checkpoint
+from molora.run_config import RunConfig
+from molora.run_setup import build_model, lr_factor, make_optimizer, setup_distributed
+from molora.utils import atomic_write
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor | float:
@@ -137,60 +126,6 @@ def evaluate_and_log(run: Run, step: int, bar=None) -> tuple[dict[str, Any], Rou
             if run.is_main and bar is not None:
                 bar.set_postfix_str("ALARM: routing collapse, see metrics.jsonl")
     return results, recorder
-
-
-@dataclass
-class Progress:
-    """Where a run stands; saved in every checkpoint so a resumed run continues exactly."""
-
-    step: int = 0
-    before: dict[str, Any] | None = None  # eval at step 0
-    bad_steps: int = 0
-
-
-def resume_from_checkpoint(run: Run) -> Progress:
-    """Load the newest good checkpoint into the run; refuse one written by a different config."""
-    removed = remove_staging(run.run_dir) if run.is_main else []
-    for path in removed:
-        run.say(f"resume: removed {path.name}, a checkpoint whose writing was interrupted")
-    point = latest_good_checkpoint(run.run_dir)
-    if point is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run.run_dir / 'checkpoints'}")
-    for folder, why in point.skipped:
-        run.say(f"resume: skipped {folder.name}: {why}")
-    saved = point.state.get("config")
-    if saved is not None:
-        differing = config_differences(read_as_current(saved), run.config.to_dict())
-        if differing:
-            changes = ", ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differing)
-            raise ValueError(
-                f"--resume: the config differs from the checkpoint's ({point.folder.name}) in {changes}; only "
-                f"{', '.join(RESUMABLE_CHANGES)} may change when resuming"
-            )
-    load_adapter_weights(run.model, point.folder)
-    run.optimizer.load_state_dict(point.state["optimizer"])
-    run.scheduler.load_state_dict(point.state["scheduler"])
-    set_rng_state(point.state["rng"])
-    run.say(f"resume: continuing from {point.folder.name}")
-    return Progress(point.state["step"], point.state["eval_before"], point.state.get("bad_steps", 0))
-
-
-def open_run_folder(run: Run, start_step: int) -> None:
-    """config.yaml, metrics.jsonl cut back to what was logged up to the checkpoint resumed from, the reporters."""
-    if not run.is_main:
-        return
-    atomic_write_text(run.run_dir / "config.yaml", yaml.safe_dump(run.config.to_dict(), sort_keys=False))
-    kept = []
-    if start_step and run.metrics_path.exists():
-        for line in run.metrics_path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line cut short by a kill
-                continue
-            if record["step"] <= start_step:
-                kept.append(line)
-    atomic_write_text(run.metrics_path, "".join(line + "\n" for line in kept))
-    run.reporter = open_reporters(run.config.train.report_to, run.run_dir, start_step, run.config.to_dict())
 
 
 def save_run_checkpoint(run: Run, progress: Progress) -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from molora.data import DataConfig, MultiDomainData
-from molora.evaluation import evaluate
+from molora.evaluation import describe, evaluate
 from molora.run_config import RunConfig
 from tests.tiny import save_tiny_model, write_toy_domains
 
@@ -88,3 +88,23 @@ def test_a_split_that_does_not_exist_is_named(setup):
 
 def data_tokenizer(setup):
     return AutoTokenizer.from_pretrained(setup[2].model.name)
+
+
+@pytest.mark.parametrize(
+    ("num_experts", "rank_pattern", "expected"),
+    [
+        (4, None, "experts lora x4, rank 2, router `topk`"),
+        (
+            {"q_proj|v_proj": 1, ".*": 4},
+            {"q_proj|v_proj": 6},
+            "experts lora x(q_proj|v_proj: 1, .*: 4), rank 2 (q_proj|v_proj: 6), router `topk`",
+        ),
+        ({"preset": "hourglass", "min": 2, "max": 8}, None, "experts lora x(hourglass 8-2-2-8), rank 2, router `topk`"),
+        ({"preset": [1, 2, 3, 4]}, None, "experts lora x(per quarter 1-2-3-4), rank 2, router `topk`"),
+    ],
+)
+def test_summary_describes_patterns_and_presets_in_words(num_experts, rank_pattern, expected):
+    config = RunConfig.from_dict(
+        {"molora": {"num_experts": num_experts, "rank": 2, "rank_pattern": rank_pattern, "router": "topk"}}
+    )
+    assert describe(config) == expected
