@@ -80,12 +80,13 @@ def update_errors(model: MoLoRAModel) -> dict[str, float]:
 def prune_lines(model: MoLoRAModel, data: MultiDomainData, config: RunConfig, gated_loss: float) -> list[str]:
     """prune_ranks on the run's adapter: parameters and eval loss before (hard gates) and after."""
     from molora.rank_gates import effective_ranks, prune_ranks
+    from molora.rank_report import module_type
 
     ranks = effective_ranks(model)
     trained = {name: layer.experts.rows_per_expert for name, layer in molora_layers(model.base_model)}
     by_type: dict[tuple[str, int], list[int]] = {}
     for name, counts in ranks.items():
-        by_type.setdefault((name.rsplit(".", 1)[-1], trained[name]), []).extend(counts)
+        by_type.setdefault((module_type(name), trained[name]), []).extend(counts)
     kept = "; ".join(
         f"{mtype} {sum(c) / len(c):.2f} of {rank} (min {min(c)}, max {max(c)})" for (mtype, rank), c in by_type.items()
     )

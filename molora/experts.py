@@ -81,11 +81,12 @@ class Experts(nn.Module):
             gates = limit if gates is None else gates * limit
         return gates
 
-    def gated_output_side(self) -> torch.Tensor:
+    def gated_output_side(self, hard: bool = False) -> torch.Tensor:
         """The output side with each rank component's gate applied ([E, d_out, r] or [E, d_out]): what the mixture
-        uses. Without rank gates or a schedule, the parameter itself (no op)."""
+        uses (hard=True: the eval-mode gates whatever the mode). Without rank gates or a schedule, the parameter
+        itself (no op)."""
         side = self.output_side
-        mask = self.component_mask()
+        mask = self.component_mask(hard)
         if mask is None:
             return side
         shape = (mask.shape[0],) + (1,) * (side.dim() - 2) + (mask.shape[1],)
@@ -113,9 +114,9 @@ class Experts(nn.Module):
         """The parameter holding the experts' output sides as stored: [E, d_out, r] (LoRA B) or [E, d_out]."""
         raise NotImplementedError
 
-    def stacked_out(self) -> torch.Tensor:
-        """Every expert's (gated) output side as one [E*r, d_out] matrix."""
-        return stack_rows(self.gated_output_side())
+    def stacked_out(self, hard: bool = False) -> torch.Tensor:
+        """Every expert's (gated) output side as one [E*r, d_out] matrix; hard as in gated_output_side."""
+        return stack_rows(self.gated_output_side(hard))
 
     def project(
         self, x: torch.Tensor, extras: tuple[torch.Tensor, ...] = ()

@@ -41,24 +41,30 @@ def _check_weights(weights: object) -> list[float]:
     return values
 
 
+def mixture_coefficients(layer: MoLoRALinear, gates: torch.Tensor) -> torch.Tensor:
+    """[E + shared]: each routed expert's gate times the gate multiplier, as the forward weighs it; shared experts 1."""
+    coefficients = gates * layer.gate_multiplier
+    if layer.num_shared:
+        coefficients = torch.cat([coefficients, coefficients.new_ones(layer.num_shared)])
+    return coefficients
+
+
 def fixed_factors(
     layer: MoLoRALinear, fixed_gates: torch.Tensor, drop_zero: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A module's mixture under fixed gates [E] as one LoRA: (A [r', d_in], B [d_out, r']), delta = scaling * B @ A.
 
     Each expert's output side is multiplied by its gate times gate_multiplier (shared experts by 1), exactly as the
-    forward weighs it; r' is every expert's rows, or with drop_zero only those of experts with a nonzero gate (at
-    least one expert's, so that a PEFT adapter has rank >= 1)."""
+    forward weighs it, with the rank gates as in eval whatever the mode; r' is every expert's rows, or with drop_zero
+    only those of experts with a nonzero gate (at least one expert's, so that a PEFT adapter has rank >= 1)."""
     experts = layer.experts
-    coefficients = fixed_gates.to(layer.experts_dtype) * layer.gate_multiplier
-    if layer.num_shared:
-        coefficients = torch.cat([coefficients, coefficients.new_ones(layer.num_shared)])
+    coefficients = mixture_coefficients(layer, fixed_gates.to(layer.experts_dtype))
     keep = coefficients != 0 if drop_zero else torch.ones_like(coefficients, dtype=torch.bool)
     if not keep.any():
         keep[0] = True
     rows, count = experts.rows_per_expert, coefficients.shape[0]
     input_side = experts.stacked_in().view(count, rows, layer.in_features)[keep]
-    output_side = experts.stacked_out().view(count, rows, layer.out_features)[keep]
+    output_side = experts.stacked_out(hard=True).view(count, rows, layer.out_features)[keep]
     output_side = output_side * coefficients[keep].view(-1, 1, 1)
     return input_side.reshape(-1, layer.in_features), output_side.reshape(-1, layer.out_features).T
 

@@ -263,10 +263,7 @@ class MoLoRAModel(nn.Module):
         """
         layers = list(self._layers)
         gates = resolve_fixed_gates(layers, task_id=task_id, expert=expert, weights=weights)
-        was_training = self.training
-        self.eval()
         merge_fixed_gates(layers, gates, safe_merge=safe_merge)
-        self.train(was_training)
         return self.unload()
 
     @classmethod

@@ -26,7 +26,7 @@ from torch import nn
 from molora.config import MoLoRAConfig
 from molora.inspect import RoutingRecorder
 from molora.layer import MoLoRALinear
-from molora.memory import stack_rows
+from molora.merging import mixture_coefficients
 from molora.patcher import _matches, find_targets, molora_layers
 
 ENERGIES = (0.8, 0.9, 0.95)
@@ -115,14 +115,10 @@ def _factors(layer: MoLoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
     """(input sides [E, r, d_in], output sides [E, r, d_out]) in float64 on the CPU, with the eval-mode rank gates and
     rank schedule applied to the output side, as the forward in eval uses them."""
     experts = layer.experts
-    side = experts.output_side.detach().to("cpu", torch.float64)
-    mask = experts.component_mask(hard=True)
-    if mask is not None:
-        shape = (mask.shape[0],) + (1,) * (side.dim() - 2) + (mask.shape[1],)
-        side = side * mask.detach().to("cpu", torch.float64).view(shape)
     count, rows = experts.num_experts, experts.rows_per_expert
     input_side = experts.stacked_in().detach().to("cpu", torch.float64).view(count, rows, -1)
-    return input_side, stack_rows(side).view(count, rows, -1)
+    output_side = experts.stacked_out(hard=True).detach().to("cpu", torch.float64).view(count, rows, -1)
+    return input_side, output_side
 
 
 def _update_spectra(name: str, layer: MoLoRALinear, task_gates: dict[str, torch.Tensor]) -> list[Spectrum]:
@@ -139,7 +135,7 @@ def _update_spectra(name: str, layer: MoLoRALinear, task_gates: dict[str, torch.
     for task, gates in task_gates.items():
         if gates.shape[0] != routed:
             raise ValueError(f"{name}: the routing has {gates.shape[0]} gates per token, the module {routed} experts")
-        coefficients = torch.cat([gates.double() * layer.gate_multiplier, gates.new_ones(count - routed).double()])
+        coefficients = mixture_coefficients(layer, gates.double())
         weighted = einops.rearrange(output_side * coefficients.view(-1, 1, 1), "e r o -> o (e r)")
         values = low_rank_singular_values(weighted, stacked_in) * abs(layer.scaling)
         spectra.append(Spectrum(name, f"task {task}", rows, values.tolist()))

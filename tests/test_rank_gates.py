@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from molora import MoLoRAConfig, MoLoRAModel, get_molora_model
+from molora.merging import merged_delta
 from molora.rank_gates import effective_ranks, prune_ranks, set_active_fraction
 from tests.conftest import build_base, make_batch, molora_config, outputs_of
 
@@ -79,6 +80,19 @@ def test_eval_gates_are_hard_and_pruning_keeps_the_outputs(layout, seed):
     with torch.no_grad():
         pruned = outputs_of(model(**batch))
     assert (pruned - gated).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("seed", range(3))
+def test_merging_reads_the_eval_gates_whatever_the_mode(layout, seed):
+    """merge_and_unload and export_peft write what eval computes, also from a model left in training mode (where
+    the forward samples relaxed gates): against the same adapter with the closed components zeroed by hand."""
+    model = gated_model(layout, seed)
+    reference = zeroed_reference(model, hard_masks(model))
+    model.train()
+    for (name, layer), (_, plain) in zip(model._layers, reference._layers, strict=True):
+        gates = torch.rand(layer.routing_router.num_experts, generator=torch.Generator().manual_seed(seed))
+        assert (merged_delta(layer, gates) - merged_delta(plain, gates)).abs().max() < 1e-6, name
 
 
 def test_a_pruned_model_saves_and_loads(tmp_path):
