@@ -15,6 +15,9 @@ from molora import allocation
 from molora.allocation import NUM_QUARTERS, is_preset
 from molora.version import __version__
 
+# PEFT's shorthand for target_modules: every nn.Linear and Conv1D of the model but its output head.
+ALL_LINEAR = "all-linear"
+
 MIXTURE_SCALINGS = ("mean", "sum")
 ROUTING_SCOPES = ("module", "input", "block")
 # routing_scope="input": siblings that read the same input tensor, by child name (fullmatch) within one parent.
@@ -110,7 +113,8 @@ def pattern_lookup(patterns: dict[str, Any] | None, module_name: str) -> tuple[s
 class MoLoRAConfig:
     """Configuration of a mixture of LoRA experts; keys mirror the YAML configs.
 
-    target_modules: list -> exact module name or dotted suffix (as PEFT); str -> regex matched against the full name.
+    target_modules: list -> exact module name or dotted suffix (as PEFT); str -> regex matched against the full name;
+        "all-linear" (PEFT's shorthand) -> every nn.Linear and Conv1D but the output head.
     num_experts: int; {regex: int} per module, the first matching key wins; or a per-layer preset (MoLA),
         {preset: uniform|increasing|decreasing|hourglass, min: int, max: int} or {preset: [q0, q1, q2, q3]}, counts
         per quarter of the adapted layers (molora/allocation.py states the rule).
@@ -182,14 +186,29 @@ class MoLoRAConfig:
         self._validate_losses_and_levers()
 
     def _validate_targets(self) -> None:
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = list(self.target_modules)
+        if self.target_modules is None:
+            raise ValueError(
+                "target_modules=None (PEFT's per-architecture default list) is not supported: name the modules, give "
+                f"a regex, or {ALL_LINEAR!r}"
+            )
+        if isinstance(self.target_modules, (list, tuple, set, frozenset)):
+            # a set (as PEFT allows) in a fixed order, so the config round-trips through JSON unchanged
+            names = sorted(self.target_modules) if isinstance(self.target_modules, (set, frozenset)) else None
+            self.target_modules = names if names is not None else list(self.target_modules)
             if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
                 raise ValueError(
                     f"target_modules must be a non-empty list of names or a regex, got {self.target_modules!r}"
                 )
+            if any(t.lower() == ALL_LINEAR for t in self.target_modules):
+                raise ValueError(
+                    f"target_modules: {ALL_LINEAR!r} is a shorthand on its own, not a module name: give "
+                    f"target_modules={ALL_LINEAR!r} (a string, as in PEFT), not a list holding it"
+                )
         elif isinstance(self.target_modules, str):
-            self._check_regex("target_modules", self.target_modules)
+            if self.target_modules.lower() == ALL_LINEAR:
+                self.target_modules = ALL_LINEAR  # PEFT compares it case-insensitively
+            else:
+                self._check_regex("target_modules", self.target_modules)
         else:
             raise ValueError(f"target_modules must be a list of names or a regex string, got {self.target_modules!r}")
         if isinstance(self.exclude_modules, (list, tuple)):

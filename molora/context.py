@@ -23,10 +23,15 @@ class RoutingContext:
     prompt_mask: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
     decoder_attention_mask: torch.Tensor | None = None
+    # {mask field: (batch, length)} of the call's token inputs (input_ids or inputs_embeds; decoder_input_ids...),
+    # so a layer that sees the tokens flattened to [batch * length, d] can put the sequences back.
+    input_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     # Tokens already in the KV cache when the current call started (read from past_key_values); None if unknown.
     past_len: int | None = None
     # Per-layer running state for cached decoding; None outside a decoding session.
     decode_state: dict[str, dict[str, Any]] | None = None
+    # {layer name: times applied in the current model call}: a layer applied twice keeps two decoding states.
+    layer_calls: dict[str, int] = field(default_factory=dict)
     # Token masks derived from a mask above, shared by the layers of one forward (one tensor, so the aux losses of
     # all layers can be stacked): {mask field: (source mask, {(batch, length): bool mask})}.
     token_masks: dict[str, tuple[torch.Tensor, dict[tuple[int, int], torch.Tensor]]] = field(default_factory=dict)
@@ -98,6 +103,13 @@ def _as_mask(value: Any) -> torch.Tensor | None:
     return None
 
 
+def _as_tokens(value: Any) -> tuple[int, int] | None:
+    """(batch, length) of input ids [B, L] or embeddings [B, L, d]."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2:
+        return int(value.shape[0]), int(value.shape[1])
+    return None
+
+
 def _cache_length(cache: Any) -> int | None:
     if hasattr(cache, "get_seq_length"):  # transformers' Cache classes, whatever the kwarg is called
         return int(cache.get_seq_length())
@@ -128,8 +140,16 @@ def find_cache_length(args: tuple, kwargs: dict[str, Any]) -> int | None:
     return None
 
 
+# The token inputs whose [batch, length] each attention mask field describes.
+TOKEN_INPUTS = {
+    "attention_mask": ("input_ids", "inputs_embeds"),
+    "decoder_attention_mask": ("decoder_input_ids", "decoder_inputs_embeds"),
+}
+
+
 class MaskCapture:
-    """Forward hooks that copy attention masks from a model call into the routing context.
+    """Forward hooks that copy attention masks (and the shape of the tokens they describe) from a model call into the
+    routing context.
 
     If no context is open (the raw model is called), the pre-hook opens one for the duration of the call.
     """
@@ -144,7 +164,8 @@ class MaskCapture:
 
     def attach(self, module: torch.nn.Module) -> None:
         params = list(inspect.signature(module.forward).parameters)
-        positions = {key: params.index(key) for key in self.mask_keys if key in params}
+        inputs = [key for attr in self.mask_keys.values() for key in TOKEN_INPUTS.get(attr, ())]
+        positions = {key: params.index(key) for key in [*self.mask_keys, *inputs] if key in params}
         self._positions[id(module)] = positions
         self.handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
         self.handles.append(module.register_forward_hook(self._post, always_call=True))
@@ -162,13 +183,22 @@ class MaskCapture:
         else:
             self._tokens.append(None)
         positions = self._positions.get(id(module), {})
+
+        def given(key: str) -> bool:
+            return key in kwargs or (key in positions and positions[key] < len(args))
+
+        def argument(key: str) -> Any:
+            return kwargs[key] if key in kwargs else args[positions[key]] if given(key) else None
+
         for key, attr in self.mask_keys.items():
-            if key in kwargs:
-                setattr(ctx, attr, _as_mask(kwargs[key]))
-            elif key in positions and positions[key] < len(args):
-                setattr(ctx, attr, _as_mask(args[positions[key]]))
-        if self.read_cache:
+            if given(key):
+                setattr(ctx, attr, _as_mask(argument(key)))
+            shape = next(filter(None, (_as_tokens(argument(name)) for name in TOKEN_INPUTS.get(attr, ()))), None)
+            if shape is not None:  # absent (an encoder-decoder step given encoder_outputs): the shape stays
+                ctx.input_shapes[attr] = shape
+        if self.read_cache:  # the model's own call (not its encoder's): a new step
             ctx.past_len = find_cache_length(args, kwargs)
+            ctx.layer_calls.clear()
 
     def _post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         if self._tokens:

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from molora.context import RoutingContext, current_context, in_backward
+from molora.context import current_context, in_backward
 from molora.experts import Experts
+from molora.positions import ROLES, Site, as_sequences, sequence_first, state_slot
 from molora.routers import Router, RouterInputs, RouterOutput
-
-# Where a layer sits decides which attention mask describes its input tokens and how its router may pool:
-# "self" (decoder-only or encoder-only model), "encoder", "decoder" (always causal), "cross" (reads encoder states).
-ROLES = ("self", "encoder", "decoder", "cross")
-
-
-def align_batch(tensor: torch.Tensor, batch: int, what: str) -> torch.Tensor:
-    """Repeat per-sequence inputs when generation expanded the batch (beams, num_return_sequences)."""
-    if tensor.shape[0] == batch:
-        return tensor
-    if tensor.shape[0] > 0 and batch % tensor.shape[0] == 0:
-        return tensor.repeat_interleave(batch // tensor.shape[0], dim=0)
-    raise ValueError(f"{what} has batch size {tensor.shape[0]}, but the model input has batch size {batch}")
 
 
 @dataclass
@@ -80,6 +69,7 @@ class MoLoRALinear(nn.Module):
         self.scaling = scaling
         self.role = role
         self.layer_name = name
+        self.site = Site(name, role)  # what its routing inputs depend on (molora.positions)
         self.aux_loss_names = tuple(aux_loss_names)
         self.dispatch = dispatch
         # The experts bank holds the router's E routed experts, then num_shared always-on ones. The routed gates are
@@ -141,46 +131,22 @@ class MoLoRALinear(nn.Module):
             )
         return route
 
-    def routing_inputs(self, ctx: RoutingContext | None, batch: int, length: int) -> RouterInputs:
-        if ctx is None:
-            return RouterInputs()
-        mask_field = "decoder_attention_mask" if self.role == "decoder" else "attention_mask"
-        mask = getattr(ctx, mask_field)
-        past_len = 0
-        if self.role in ("self", "decoder") and ctx.past_len is not None:
-            past_len = ctx.past_len
-        token_mask = None
-        if mask is not None:
-            if mask.shape[1] < length:
-                raise ValueError(f"attention_mask covers {mask.shape[1]} positions, the input has {length}")
-            if self.role in ("self", "decoder") and ctx.past_len is None:
-                past_len = mask.shape[1] - length
-            source, derived = ctx.token_masks.get(mask_field, (None, {}))
-            if source is not mask:
-                derived = {}
-                ctx.token_masks[mask_field] = (mask, derived)
-            token_mask = derived.get((batch, length))
-            if token_mask is None:
-                token_mask = derived[(batch, length)] = align_batch(mask, batch, "attention_mask")[:, -length:].bool()
-        prompt_mask = None
-        if ctx.prompt_mask is not None and self.role != "decoder":
-            prompt_mask = align_batch(ctx.prompt_mask, batch, "prompt_mask").bool()
-            end = past_len + length
-            if prompt_mask.shape[1] < end:  # generation without cache: generated tokens are not prompt
-                prompt_mask = nn.functional.pad(prompt_mask, (0, end - prompt_mask.shape[1]), value=False)
-            prompt_mask = prompt_mask[:, past_len:end]
-        task_ids = None if ctx.task_ids is None else align_batch(ctx.task_ids, batch, "task_ids")
-        state = None if ctx.decode_state is None else ctx.decode_state.setdefault(self.layer_name, {})
-        return RouterInputs(token_mask, task_ids, prompt_mask, past_len, state)
-
-    def routing_context(self, x3: torch.Tensor) -> RouterInputs:
+    def sequences(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterInputs]:
+        """The input as [batch, length, d] sequences and their routing inputs (molora.positions)."""
         ctx = current_context()
         if ctx is None and in_backward():
             raise RuntimeError(
                 "a MoLoRA layer is being recomputed by gradient checkpointing without its routing context (masks, "
                 "task ids): enable checkpointing through MoLoRAModel.gradient_checkpointing_enable()"
             )
-        return self.routing_inputs(ctx, x3.shape[0], x3.shape[1])
+        return as_sequences(x, ctx, self.site, self.routing_router.needs_task_ids)
+
+    def decoding_slot(self, inputs: RouterInputs) -> RouterInputs:
+        """The same routing inputs with this layer's own decoding-state slot (a group owner routing for a member)."""
+        ctx = current_context()
+        if inputs.state is None or ctx is None or ctx.decode_state is None:
+            return inputs
+        return dataclasses.replace(inputs, state=state_slot(ctx, self.layer_name))
 
     @property
     def mix_scaling(self) -> float:
@@ -219,12 +185,19 @@ class MoLoRALinear(nn.Module):
         if self.disable_depth > 0:
             self.last_route = None
             return self.base_layer(x, *args, **kwargs)
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 3 else x.reshape(1, -1, x.shape[-1])
+        if sequence_first(x, current_context(), self.site):  # routed as [batch, length, d], given back as it came
+            return self.forward(x.transpose(0, 1), *args, **kwargs).transpose(0, 1).contiguous()
+        x3, inputs = self.sequences(x)
         flat_x = x3.reshape(-1, x3.shape[-1])
         # A 2-D nn.Linear output is a fresh tensor that its backward does not need: the experts add into it in place.
         plain_linear = type(self.base_layer) is nn.Linear and not args and not kwargs
         result = self.base_layer(flat_x) if plain_linear else self.base_layer(x, *args, **kwargs)
-        inputs = self.routing_context(x3)
+        if not isinstance(result, torch.Tensor) or result.shape[-1] != self.out_features:
+            got = f"shape {list(result.shape)}" if isinstance(result, torch.Tensor) else f"a {type(result).__name__}"
+            raise TypeError(
+                f"{self.layer_name} ({type(self.base_layer).__name__}) returns {got}, not the [..., "
+                f"{self.out_features}] output of a linear map that the experts add to; leave it out of target_modules"
+            )
         expert_x = self.dropout(flat_x).to(self.experts_dtype)
         out_shape = (*x.shape[:-1], result.shape[-1])
         if self.grouped_dispatch(flat_x):
@@ -309,7 +282,7 @@ class MoLoRALinear(nn.Module):
             hidden, outputs = self.experts.project(expert_x, extras)
             hiddens = {self.layer_name: hidden} | {m.layer_name: h for m, h in zip(others, outputs, strict=False)}
             projected = outputs[-1].view(*x3.shape[:-1], -1) if fused else None
-        route_inputs = inputs if owner is self else owner.routing_context(x3)  # the owner's decoding-state slot
+        route_inputs = inputs if owner is self else owner.decoding_slot(inputs)  # siblings: same masks and role
         route = router(x3, route_inputs, projected=projected)
         owner.last_route = (route, route_inputs.token_mask) if owner.aux_loss_names else None
         shared = SharedInput(x, hiddens, route)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from molora.allocation import describe_preset, is_preset, layer_index
-from molora.config import MoLoRAConfig, pattern_lookup
+from molora.config import ALL_LINEAR, MoLoRAConfig, pattern_lookup
 from molora.experts import EXPERTS, RankGates, build_experts
 from molora.layer import MoLoRALinear
 from molora.losses import AUX_LOSSES
@@ -59,6 +59,7 @@ class InjectionReport:
     effective_ranks: dict[str, list[int]] | None = None  # after training with rank gates: kept per expert
     experts_per_layer: dict[int, int] = field(default_factory=dict)  # num_experts presets: {layer index: experts}
     allocation: str = ""  # the preset that made experts_per_layer ("hourglass, quarters 8-2-2-8")
+    left_out: list[str] = field(default_factory=list)  # target_modules='all-linear': linears whose forward is not one
 
     def __str__(self) -> str:
         lines = [
@@ -80,6 +81,8 @@ class InjectionReport:
         lines.append(f"aux losses: {weights}")
         if self.excluded:
             lines.append(f"excluded by exclude_modules: {', '.join(self.excluded)}")
+        if self.left_out:
+            lines.append(f"left out of all-linear (their forward is not their linear map): {', '.join(self.left_out)}")
         for name, patterns in self.unused_patterns.items():
             lines.append(f"WARNING {name}: patterns that matched no targeted module: {patterns}")
         if self.effective_ranks:
@@ -123,20 +126,54 @@ def _no_match_error(field_name: str, target: str, model: nn.Module) -> ValueErro
     )
 
 
+def _computes_its_linear_map(module: nn.Module) -> bool:
+    """Whether a linear module's forward maps [..., in] to the [..., out] tensor the experts add to: nn.Linear's and
+    Conv1D's do; a subclass with a forward of its own is run once on the meta device (no memory, no compute) and must
+    give that tensor there (Llama 4's MoE router returns a tuple, DeepSeek-V4's grouped linear reads its input in
+    groups)."""
+    if any(type(module).forward is kind.forward for kind in SUPPORTED_TYPES):
+        return True
+    d_in, d_out = _features(module)
+    meta = {n: torch.empty_like(t, device="meta") for n, t in [*module.named_parameters(), *module.named_buffers()]}
+    try:
+        out = torch.func.functional_call(module, meta, (torch.empty(1, d_in, device="meta"),))
+    except Exception:
+        return False
+    return isinstance(out, torch.Tensor) and tuple(out.shape) == (1, d_out)
+
+
+def all_linear_names(model: nn.Module) -> tuple[list[str], list[str]]:
+    """target_modules='all-linear' as PEFT resolves it, every nn.Linear and Conv1D but the module that
+    get_output_embeddings() returns (the LM head, tied to the input embeddings or not), and the names left out of it:
+    linear subclasses whose forward is not their linear map (PEFT adapts them, and the forward fails)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    linear = [(n, m) for n, m in model.named_modules() if n and isinstance(m, SUPPORTED_TYPES) and m is not head]
+    left_out = [n for n, m in linear if not _computes_its_linear_map(m)]
+    return [n for n, _ in linear if n not in set(left_out)], left_out
+
+
+def _matched_targets(
+    model: nn.Module, named: list[tuple[str, nn.Module]], targets: list[str] | str
+) -> list[tuple[str, nn.Module]]:
+    """The modules target_modules names; every name in a list and the regex must match something."""
+    if targets == ALL_LINEAR:
+        wanted = set(all_linear_names(model)[0])
+        if not wanted:
+            raise ValueError(f"target_modules={ALL_LINEAR!r}: {type(model).__name__} has no linear module but its head")
+        return [(n, m) for n, m in named if n in wanted]
+    for single in [targets] if isinstance(targets, str) else [[target] for target in targets]:
+        if not any(_matches(single, n) for n, _ in named):
+            raise _no_match_error("target_modules", single if isinstance(single, str) else single[0], model)
+    return [(n, m) for n, m in named if _matches(targets, n)]
+
+
 def find_targets(model: nn.Module, config: MoLoRAConfig) -> tuple[list[tuple[str, nn.Module]], list[str]]:
     """(name, module) pairs to wrap, and the names that exclude_modules removed; raises naming the cause."""
     if any(isinstance(m, MoLoRALinear) for m in model.modules()):
         raise ValueError("the model already has MoLoRA layers; call unload() before injecting again")
     named = [(n, m) for n, m in model.named_modules() if n]
-    targets = config.target_modules
-    if isinstance(targets, str):
-        if not any(_matches(targets, n) for n, _ in named):
-            raise _no_match_error("target_modules", targets, model)
-    else:
-        for target in targets:
-            if not any(_matches([target], n) for n, _ in named):
-                raise _no_match_error("target_modules", target, model)
-    matched = [(n, m) for n, m in named if _matches(targets, n)]
+    matched = _matched_targets(model, named, config.target_modules)
     for name, module in matched:
         if not isinstance(module, SUPPORTED_TYPES):
             raise ValueError(
@@ -192,6 +229,7 @@ def inject(model: nn.Module, config: MoLoRAConfig) -> InjectionReport:
         raise ValueError(f"config must be a MoLoRAConfig, got {type(config).__name__}")
     config.validate()  # again: its fields may have been assigned since construction
     targets, excluded = find_targets(model, config)
+    left_out = all_linear_names(model)[1] if config.target_modules == ALL_LINEAR else []
     names = [n for n, _ in targets]
     counts = config.expert_counts(names)  # once for all: a preset spreads over the targets' layers
     layers: list[tuple[str, MoLoRALinear]] = []
@@ -229,6 +267,7 @@ def inject(model: nn.Module, config: MoLoRAConfig) -> InjectionReport:
     report = InjectionReport(
         records, config.router, config.expert_type, dict(config.aux_losses), excluded, unused, trainable, total
     )
+    report.left_out = left_out
     if is_preset(config.num_experts):
         report.experts_per_layer = dict(sorted({layer_index(n): counts[n] for n in names}.items()))
         report.allocation = describe_preset(config.num_experts)

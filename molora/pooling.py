@@ -23,10 +23,18 @@ def pool_sequence(
     prompt_mask: torch.Tensor | None,
     past_len: int,
     state: dict[str, Any] | None,
+    unseen_prefix: int = 0,
 ) -> torch.Tensor:
-    """x [B, L, d] -> [B, L, d] (causal) or [B, 1, d]. `state` carries the earlier tokens' sums while decoding."""
+    """x [B, L, d] -> [B, L, d] (causal) or [B, 1, d]. `state` carries the earlier tokens' sums while decoding;
+    `unseen_prefix`: positions before x that the module was never given (RouterInputs.unseen_prefix)."""
     batch, length, _ = x.shape
     mask = token_mask
+    if state is not None and unseen_prefix:
+        raise ValueError(
+            f"a module routed by pooling reads only the last {length} of the call's {length + unseen_prefix} "
+            "positions (generate() computes the last logits only), so its running state cannot hold the sequence: "
+            "pass logits_to_keep=0 to generate(), or leave that module out of target_modules"
+        )
     if mask is None:
         mask = torch.ones(batch, length, dtype=torch.bool, device=x.device)
     continuing = past_len > 0

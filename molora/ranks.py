@@ -23,7 +23,7 @@ import einops
 import torch
 from torch import nn
 
-from molora.config import MoLoRAConfig
+from molora.config import ALL_LINEAR, MoLoRAConfig
 from molora.inspect import RoutingRecorder
 from molora.layer import MoLoRALinear
 from molora.merging import mixture_coefficients
@@ -146,6 +146,8 @@ def _select(layers: list[tuple[str, MoLoRALinear]], targets: Targets | None) -> 
     if targets is None:
         return layers
     patterns = targets.target_modules if isinstance(targets, MoLoRAConfig) else targets
+    if isinstance(patterns, str) and patterns.lower() == ALL_LINEAR:  # every adapted module is a linear one
+        return layers
     adapted = sorted({n.rsplit(".", 1)[-1] for n, _ in layers})
     singles = [patterns] if isinstance(patterns, str) else [[pattern] for pattern in patterns]  # regex, or names
     for single in singles:

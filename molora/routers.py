@@ -43,6 +43,9 @@ class RouterInputs:
     prompt_mask: torch.Tensor | None = None  # [B, L] bool, aligned with the current tokens
     past_len: int = 0  # tokens already in the KV cache before the current ones
     state: dict[str, Any] | None = None  # this layer's slot for running decoding state; None outside decoding
+    # Positions of the call that come before the first one the layer was given, and that it never sees (a head-side
+    # module after generate()'s logits_to_keep slicing): a pooled running state cannot include them.
+    unseen_prefix: int = 0
 
 
 ROUTERS: dict[str, type[Router]] = {}
@@ -328,7 +331,9 @@ class IntuitionRouter(Router):
         return last(norm(activation(self.pool(projected, inputs) + first.bias)))
 
     def pool(self, x: torch.Tensor, inputs: RouterInputs) -> torch.Tensor:
-        return pool_sequence(x, self.pooling, inputs.token_mask, inputs.prompt_mask, inputs.past_len, inputs.state)
+        return pool_sequence(
+            x, self.pooling, inputs.token_mask, inputs.prompt_mask, inputs.past_len, inputs.state, inputs.unseen_prefix
+        )
 
 
 @register_router("task")
