@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import settings
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 from molora import MoLoRAConfig
 
 hf_logging.set_verbosity_error()
+
+# Every hypothesis test draws the same examples on every run (no database, derandomized): CI is deterministic, and a
+# failure reproduces. A test's own @settings (max_examples, deadline) keeps these.
+settings.register_profile("molora", derandomize=True, database=None, deadline=None)
+settings.load_profile("molora")
 
 VOCAB = 64
 ROUTERS = ["softmax", "topk", "switch", "intuition", "task"]

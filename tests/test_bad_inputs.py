@@ -6,8 +6,6 @@ base model is called; bad rows of the user's data files name the file and the (1
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 import warnings
@@ -327,9 +325,9 @@ def test_a_prompt_mask_may_cover_the_cached_tokens_in_a_decoding_step():
         model(**step, **cache_kwarg(model, out.past_key_values), prompt_mask=torch.ones(2, 10))  # (extends the cache)
 
 
-def test_the_layers_alone_accept_a_short_batch_and_truncate_floats_so_the_batch_tests_can_fail():
-    """Without the checks in forward() a one-row task_ids is repeated over the batch, a short prompt mask is padded
-    and float task ids are truncated: all silently."""
+def test_the_layers_alone_accept_a_short_batch_so_the_batch_tests_can_fail():
+    """Without the checks in forward() a one-row task_ids is repeated over the batch and a short prompt mask is
+    padded: both silently."""
     batch = make_batch()
     task_model, _ = counted_model("task")
     with torch.no_grad(), routing_context(RoutingContext(task_ids=torch.tensor([1]))):
@@ -337,7 +335,6 @@ def test_the_layers_alone_accept_a_short_batch_and_truncate_floats_so_the_batch_
     prompt_model, _ = counted_model("intuition", **PROMPT)
     with torch.no_grad(), routing_context(RoutingContext(prompt_mask=torch.ones(2, 8, dtype=torch.bool))):
         assert outputs_of(prompt_model.base_model(**batch)).shape[0] == 2
-    assert torch.as_tensor([0.7, 1.2], dtype=torch.long).tolist() == [0, 1]  # the cast forward() used to do
 
 
 def generate_kwargs(ids: torch.Tensor, **extra) -> dict:
@@ -461,13 +458,12 @@ def test_good_files_read_exactly(tmp_path):
 
 
 def test_what_the_data_checks_close_was_silent_so_their_tests_can_fail(tmp_path):
-    """An empty response was dropped in tokenisation and a short CSV row read as None: no error anywhere."""
+    """Below the record checks, an empty response is dropped in tokenisation without an error."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(save_tiny_model(tmp_path / "tiny"))
     records = [{"prompt": "p", "response": "r"}, {"prompt": "q", "response": ""}]
     assert len(tokenize_split(records, "x", 0, tokenizer, DataConfig(domains=["news"]))) == 1
-    assert next(csv.DictReader(io.StringIO("domain,prompt,response\nx,hello\n")))["response"] is None
 
 
 # The command line: exit 2, nothing written ---------------------------------------------------------------------

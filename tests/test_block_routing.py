@@ -24,6 +24,19 @@ def block_model(router: str = "topk", **overrides) -> MoLoRAModel:
     return model
 
 
+def block_reference(mlp, x: torch.Tensor, router) -> torch.Tensor:
+    """The hand-written block forward: one routing decision (`router` on the block input) for gate, up and down."""
+    gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    weights = router(x).gates.reshape(-1, 4) * gate.gate_multiplier
+    flat = x.reshape(-1, x.shape[-1])
+
+    def adapted(layer, inputs):
+        return layer.base_layer(inputs) + layer.scaling * loop_delta(layer.experts, inputs, weights)
+
+    hidden = F.silu(adapted(gate, flat)) * adapted(up, flat)
+    return adapted(down, hidden).reshape(*x.shape[:-1], -1)
+
+
 def test_only_the_first_module_of_a_block_has_a_router():
     model = block_model()
     with_router = [name for name, layer in model._layers if layer.router is not None]
@@ -41,15 +54,7 @@ def test_a_block_forward_matches_one_routing_decision_applied_to_every_module(ro
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(seed), requires_grad=True)
     with routing_context(RoutingContext()):
         out = mlp(x)
-    gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-    weights = gate.router(x).gates.reshape(-1, 4) * gate.gate_multiplier
-    flat = x.reshape(-1, 32)
-
-    def adapted(layer, inputs):
-        return layer.base_layer(inputs) + layer.scaling * loop_delta(layer.experts, inputs, weights)
-
-    hidden = F.silu(adapted(gate, flat)) * adapted(up, flat)
-    expected = adapted(down, hidden).reshape(2, 5, 32)
+    expected = block_reference(mlp, x, mlp.gate_proj.router)
     assert (out - expected).abs().max() < 1e-5 * max(1.0, expected.abs().max().item())  # fp32, values ~300
     params = [p for p in model.parameters() if p.requires_grad and p.grad is None]
     fast = torch.autograd.grad(out.sum(), [x, *params], allow_unused=True)
@@ -60,15 +65,26 @@ def test_a_block_forward_matches_one_routing_decision_applied_to_every_module(ro
             assert (f - s).abs().max() < 1e-5 * max(1.0, s.abs().max().item())
 
 
-def test_the_block_reference_can_fail_when_modules_route_on_their_own():
+@pytest.mark.parametrize("seed", range(3))
+def test_the_block_reference_can_fail_when_modules_route_on_their_own(seed):
+    """The same experts and gate_proj router, but up and down routing themselves (routing_scope ignored): the hand
+    reference, which applies gate_proj's one decision to all three, must tell the two apart."""
     shared = block_model("topk")
     alone = get_molora_model(
         build_base("llama"), MoLoRAConfig(target_modules=FFN, num_experts=4, rank=4, alpha=8, router="topk")
     )
-    alone.load_state_dict(shared.state_dict(), strict=False)  # same experts and owner routers, own routers elsewhere
-    randomize_experts(alone)
-    batch = make_batch()
-    assert (shared(**batch).logits - alone(**batch).logits).abs().max() > 1e-3
+    missing, _ = alone.load_state_dict(shared.state_dict(), strict=False)
+    own_routers = [n for n in missing if ".router." in n]  # up's and down's: the only tensors not copied
+    assert own_routers and all(".up_proj." in n or ".down_proj." in n for n in own_routers)
+    assert all(".router." in n for n in missing if ".experts." in n or ".router." in n)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad(), routing_context(RoutingContext()):
+        shared_mlp, alone_mlp = shared.base_model.model.layers[1].mlp, alone.base_model.model.layers[1].mlp
+        expected = block_reference(shared_mlp, x, shared_mlp.gate_proj.router)
+        scale = max(1.0, expected.abs().max().item())
+        assert (shared_mlp(x) - expected).abs().max() < 1e-5 * scale
+        assert (block_reference(alone_mlp, x, alone_mlp.gate_proj.router) - expected).abs().max() < 1e-5 * scale
+        assert (alone_mlp(x) - expected).abs().max() > 1e-3 * scale
 
 
 def test_a_follower_before_its_owner_is_refused_by_name():

@@ -70,9 +70,12 @@ def _full_forward_logits(model, arch, ids, mask, sequences, task_ids, prompt_mas
     return out.logits[:, prompt_len - 1 : -1]
 
 
-def max_step_error(arch: str, router: str, pooling: str | None, batch: int, padded: bool, returns: int, seed: int):
+def max_step_error(
+    arch: str, router: str, pooling: str | None, batch: int, padded: bool, returns: int, seed: int, scope="module"
+):
     base = build_base(arch, seed=seed)
-    config = molora_config(arch, router, intuition_pooling=pooling or ("mean" if arch == "bart" else "causal"))
+    pooling_option = pooling or ("mean" if arch == "bart" else "causal")
+    config = molora_config(arch, router, intuition_pooling=pooling_option, routing_scope=scope)
     model = get_molora_model(base, config)
     _randomize(model, seed)
     pad_id = base.config.pad_token_id
@@ -107,6 +110,15 @@ def max_step_error(arch: str, router: str, pooling: str | None, batch: int, padd
 @pytest.mark.parametrize("returns", [1, 2], ids=["greedy", "sampled-x2"])
 def test_cached_generate_scores_equal_full_forward_logits(arch, router, pooling, batch, padded, returns):
     errors = [max_step_error(arch, router, pooling, batch, padded, returns, seed) for seed in SEEDS]
+    assert max(errors) < 1e-4, f"max |cached - full| per seed: {[f'{e:.1e}' for e in errors]}"
+
+
+@pytest.mark.parametrize(("router", "pooling"), MODES, ids=["-".join(filter(None, m)) for m in MODES])
+@pytest.mark.parametrize("scope", ["input", "block"])
+def test_cached_generate_with_shared_routing_equals_full_forward_logits(scope, router, pooling):
+    """routing_scope 'input' (q and v share one router and input matmul) and 'block' (q and v routed once per
+    attention block): padded batches, 20 seeds, as the per-module grid above."""
+    errors = [max_step_error("llama", router, pooling, 3, True, 1, seed, scope) for seed in SEEDS]
     assert max(errors) < 1e-4, f"max |cached - full| per seed: {[f'{e:.1e}' for e in errors]}"
 
 

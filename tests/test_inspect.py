@@ -50,14 +50,17 @@ def test_a_uniform_router_has_zero_mi():
     with torch.no_grad():
         for layer in _layers(model):
             layer.router.gate.weight.zero_()
-    with model.record_routing() as rec, torch.no_grad():
-        model(**make_batch(batch=4), task_ids=None)
     with model.record_routing(task_ids=[0, 1, 0, 1]) as rec, torch.no_grad():
         model(**make_batch(batch=4))
     for layer in rec.stats()["layers"].values():
         assert layer["mi_bits"] == pytest.approx(0.0, abs=1e-9)
         assert layer["entropy"] == pytest.approx(torch.log(torch.tensor(4.0)).item(), abs=1e-5)
         assert layer["dead_experts"] == 0 and layer["load_cv"] == pytest.approx(0.0, abs=1e-6)
+    # the counter-case: routers that depend on the input route the two tasks' different tokens differently
+    randomize_experts(model)
+    with model.record_routing(task_ids=[0, 1, 0, 1]) as rec, torch.no_grad():
+        model(**make_batch(batch=4))
+    assert max(layer["mi_bits"] for layer in rec.stats()["layers"].values()) > 1e-3
 
 
 def test_mutual_information_by_hand():

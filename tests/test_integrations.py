@@ -44,3 +44,12 @@ def test_hf_trainer_trains_with_the_aux_loss_and_logs_router_health(tmp_path):
     for name, param in model.named_parameters():
         if name in before and ".router." in name:
             assert not torch.equal(param, before[name]), name  # the task router trained through the aux loss
+
+    # The objective on a fixed batch is exactly the model's loss plus its weighted aux loss (not the loss alone).
+    batch = MoLoRADataCollator(tokenizer.pad_token_id)([dataset[i] for i in range(4)])
+    with torch.no_grad():
+        objective = trainer.compute_loss(model, batch)
+        outputs = model(**batch)
+        aux = model.aux_loss()
+    assert aux > 0.1  # balance at weight 0.5: far from a rounding error
+    torch.testing.assert_close(objective, outputs.loss + aux, rtol=0, atol=1e-6)

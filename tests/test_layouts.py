@@ -38,6 +38,7 @@ def randomise(model, seed: int = 0) -> None:
 
 def config(router: str, targets, **overrides) -> MoLoRAConfig:
     options = dict(target_modules=targets, num_experts=4, rank=2, alpha=4, router=router, aux_losses={"balance": 0.01})
+    # (aux losses on: each layer keeps its last routing and token mask, which some tests read)
     if ROUTERS[router].needs_task_ids:
         options["num_tasks"] = 2
     return MoLoRAConfig(**{**options, **overrides})
@@ -81,6 +82,47 @@ def test_flattened_tokens_are_routed_as_the_sequences_they_are():
         batched = model(input_ids=ids).logits
         alone = torch.cat([model(input_ids=ids[i : i + 1]).logits for i in range(3)])
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_flattened_tokens_pool_along_their_sequence():
+    """fc1's causal pooling reads the earlier tokens of its own sequence: changing token 1 moves the gates of the
+    tokens after it, not of token 0 (as rows of their own, no gate would move at all)."""
+    model = get_molora_model(tiny_opt(), config("intuition", ["fc1"]))
+    randomise(model)
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+    changed = ids.clone()
+    changed[:, 1] = (ids[:, 1] + 7) % 61 + 3
+    fc1 = model.base_model.model.decoder.layers[1].fc1
+    gates = []
+    with torch.no_grad():
+        for batch in (ids, changed):
+            model(input_ids=batch, attention_mask=torch.ones_like(batch))
+            gates.append(fc1.last_route[0].gates.clone())
+    assert gates[0].shape == (2, 6, 4)
+    torch.testing.assert_close(gates[0][:, 0], gates[1][:, 0])  # causal: token 0 does not see token 1
+    assert (gates[0][:, 2:] - gates[1][:, 2:]).abs().amax() > 1e-4
+
+
+def test_a_module_that_reads_the_cache_again_keeps_the_padding_mask_while_decoding():
+    """Doge reads the cached values again at every step: its pooled routing must exclude left padding then too."""
+    model = get_molora_model(build("causal", "doge"), config("intuition", "all-linear"))
+    randomise(model)
+    model.eval()
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0,
+        output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    full_mask = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], 1)
+    # the last step's dt_proj read all 8 positions so far; its balance loss counts the real ones only
+    route_mask = model.base_model.model.layers[0].self_attn.dt_proj.last_route[1]
+    assert route_mask is not None and torch.equal(route_mask, full_mask[:, :-1].bool())
+    positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        full = model(input_ids=out.sequences, attention_mask=full_mask, position_ids=positions).logits[:, 5:-1]
+    torch.testing.assert_close(torch.stack(out.logits, 1), full, rtol=0, atol=1e-4)
 
 
 def tiny_bert_classifier(seed: int = 0) -> BertForSequenceClassification:

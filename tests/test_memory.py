@@ -38,7 +38,8 @@ def saved_bytes(module: nn.Module, x: torch.Tensor, **call) -> int:
 
 
 def peft_layer() -> nn.Module:
-    peft = pytest.importorskip("peft")
+    import peft
+
     holder = Holder()
     holder.requires_grad_(False)
     return peft.get_peft_model(holder, peft.LoraConfig(r=NUM_EXPERTS * RANK, target_modules=["proj"])).base_model.model

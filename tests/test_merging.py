@@ -67,20 +67,34 @@ def forced_gates(model, gates_for):
             router.forward = originals[key]
 
 
-def hand_delta(layer: MoLoRALinear, gates: torch.Tensor) -> torch.Tensor:
+def factors(case: str, name: str) -> tuple[float, float]:
+    """(scaling, gate multiplier) of a module, from the case's config by the documented rules, not from the layer:
+    alpha/r for LoRA experts, alpha/E for a bank of E rank-1 experts; mixture_scaling='sum' multiplies the routed gates
+    by the experts each token uses (k of top-k, capped at the module's count; all of them when dense)."""
+    arch, router, expert_type, overrides = CASES[case]
+    config = molora_config(arch, router, expert_type, **overrides)
+    routed = 1 if isinstance(config.num_experts, dict) and name.endswith(("q_proj", "v_proj")) else 4
+    bank = routed + config.shared_experts
+    scaling = config.alpha / (bank if expert_type == "rank1" else config.rank)
+    if config.mixture_scaling != "sum":
+        return scaling, 1.0
+    return scaling, float(min(config.top_k, routed) if config.top_k else routed)
+
+
+def hand_delta(layer: MoLoRALinear, gates: torch.Tensor, scaling: float, multiplier: float) -> torch.Tensor:
     """scaling * (multiplier * sum_e g_e B_e A_e + sum_shared B_s A_s) from the stored tensors, expert by expert."""
     experts = layer.experts
     total = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64)
     count = experts.num_experts
     for e in range(count):
-        weight = layer.gate_multiplier * float(gates[e]) if e < gates.shape[0] else 1.0
+        weight = multiplier * float(gates[e]) if e < gates.shape[0] else 1.0
         if experts.expert_type == "rank1":
             product = torch.outer(experts.v[e].double(), experts.u[e].double())
         else:
             a = experts.lora_A if experts.lora_A.dim() == 2 else experts.lora_A[e]
             product = experts.lora_B[e].double() @ a.double()
         total += weight * product
-    return layer.scaling * total
+    return scaling * total
 
 
 def one_hot(expert: int):
@@ -97,7 +111,10 @@ def test_merged_expert_and_weights_match_the_unmerged_model(case, seed):
         gates_for = one_hot(fixed["expert"]) if "expert" in fixed else (lambda n: weights if n == 4 else torch.ones(1))
         layers = dict(model._layers)
         base_weights = {name: layer.base_layer.weight.detach().clone() for name, layer in layers.items()}
-        hand = {name: hand_delta(layer, gates_for(layer.routing_router.num_experts)) for name, layer in layers.items()}
+        hand = {
+            name: hand_delta(layer, gates_for(layer.routing_router.num_experts), *factors(case, name))
+            for name, layer in layers.items()
+        }
         with torch.no_grad(), forced_gates(model, gates_for):
             expected = outputs_of(model(**batch))
         plain = model.merge_and_unload(**fixed)
@@ -114,12 +131,14 @@ def test_merged_expert_and_weights_match_the_unmerged_model(case, seed):
 @pytest.mark.parametrize("expert_type", EXPERT_TYPES)
 def test_the_hand_delta_detects_a_wrong_gate(expert_type):
     """The reference can fail: merging expert 1 does not match the hand delta of expert 0."""
-    model = build("softmax-lora" if expert_type == "lora" else "topk-rank1")
+    case = "softmax-lora" if expert_type == "lora" else "topk-rank1"
+    model = build(case)
     name, layer = model._layers[0]
     before = layer.base_layer.weight.detach().clone()
     plain = model.merge_and_unload(expert=1)
     written = plain.get_submodule(name).weight.double() - before.double()
-    assert not torch.allclose(written, hand_delta(layer, one_hot(0)(4)), atol=1e-5)
+    assert torch.allclose(written, hand_delta(layer, one_hot(1)(4), *factors(case, name)), atol=1e-5)
+    assert not torch.allclose(written, hand_delta(layer, one_hot(0)(4), *factors(case, name)), atol=1e-5)
 
 
 def unchanged(model, before) -> bool:

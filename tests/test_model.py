@@ -346,8 +346,18 @@ def test_beam_search_with_a_running_router_state_is_refused():
     prompt_model = get_molora_model(
         build_base("llama"), molora_config("llama", "intuition", intuition_pooling="prompt")
     )
-    out = prompt_model.generate(input_ids=ids, attention_mask=mask, num_beams=2, max_new_tokens=2, pad_token_id=0)
-    assert out.shape == (2, 9)
+    randomize_experts(prompt_model)
+    options = dict(
+        input_ids=ids, attention_mask=mask, num_beams=2, max_new_tokens=3, pad_token_id=0, do_sample=False,
+        output_scores=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    cached = prompt_model.generate(**options)
+    uncached = prompt_model.generate(**options, use_cache=False)  # every step a full forward of the beams
+    assert cached.sequences.shape == (2, 10) and torch.equal(cached.sequences, uncached.sequences)
+    for step, (a, b) in enumerate(zip(cached.scores, uncached.scores, strict=True)):
+        finite = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), finite)
+        assert (a[finite] - b[finite]).abs().max() < 1e-4, step
 
 
 @pytest.mark.parametrize(("router", "k"), [("topk", 2), ("switch", 1)])
@@ -381,14 +391,32 @@ def test_dropout_touches_only_the_expert_path_and_only_in_training():
             assert torch.equal(_run(model, "softmax", batch), reference)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.fixture
+def strict_fp32():
+    """TF32 off for the CUDA comparison (bash .ci/gpu runs it): fp32 matmuls as on the CPU, so 1e-5 holds."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bash .ci/gpu on a GPU machine)")
 @pytest.mark.parametrize("router", ROUTERS)
-def test_cuda_matches_cpu(router):
-    model = get_molora_model(build_base("llama"), molora_config("llama", router))
-    randomize_experts(model)
-    batch = make_batch(pad_last=2)
-    with torch.no_grad():
-        cpu = _run(model, router, batch)
-        cuda_batch = {k: v.cuda() for k, v in batch.items()}
-        gpu = _run(model.to("cuda"), router, cuda_batch)
-    assert (gpu.cpu() - cpu).abs().max() < 1e-4
+def test_cuda_matches_cpu(router, strict_fp32):
+    """Outputs, the aux loss and every adapter gradient of one step, on CUDA against the CPU."""
+    results = []
+    for device in ("cpu", "cuda"):
+        model = get_molora_model(build_base("llama"), molora_config("llama", router, aux_losses={"balance": 0.1}))
+        randomize_experts(model)
+        model.to(device).train()
+        batch = {k: v.to(device) for k, v in make_batch(pad_last=2).items()}
+        task_ids = task_ids_for(router, batch["input_ids"].shape[0])
+        out = model(**batch, labels=batch["input_ids"], task_ids=None if task_ids is None else task_ids.to(device))
+        (out.loss + model.aux_loss()).backward()
+        grads = {n: p.grad.cpu() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out.logits.detach().cpu(), model.aux_loss().detach().cpu(), grads))
+    (cpu, cpu_aux, cpu_grads), (gpu, gpu_aux, gpu_grads) = results
+    assert (gpu - cpu).abs().max() <= 1e-5 * max(1.0, cpu.abs().max().item())
+    assert (gpu_aux - cpu_aux).abs() <= 1e-5
+    for name, grad in cpu_grads.items():
+        assert (gpu_grads[name] - grad).abs().max() <= 1e-5 * max(1.0, grad.abs().max().item()), name

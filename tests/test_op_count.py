@@ -11,8 +11,6 @@ from bench.variants import default_variants
 
 from .test_bench import TINY
 
-pytest.importorskip("peft")
-
 # Kernel operators per adapted module over PEFT LoRA r=64 in one train step on the TINY config (2 layers x 7
 # modules). Upper bounds at today's counts: lower them as ops are removed, never raise them to let one back in.
 EXTRA_TRAIN_KERNELS_PER_MODULE = {

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 
+import peft  # a dev dependency: lost, the PEFT comparisons fail rather than skip
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
-
-from molora import MoLoRALinear, MoLoRAModel  # noqa: E402
-from molora.peft_interop import export_peft, from_peft_adapters  # noqa: E402
-from tests.conftest import build_base, make_batch, molora_config, outputs_of, randomize_experts  # noqa: E402
-from tests.test_merging import CASES, build, forced_gates, one_hot  # noqa: E402
+from molora import MoLoRALinear, MoLoRAModel
+from molora.peft_interop import export_peft, from_peft_adapters
+from tests.conftest import build_base, make_batch, molora_config, outputs_of, randomize_experts
+from tests.test_merging import CASES, build, forced_gates, one_hot
 
 TOLERANCE = 1e-5
 

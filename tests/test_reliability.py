@@ -7,9 +7,13 @@ import fcntl
 import json
 import math
 import os
+import queue
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -55,8 +59,8 @@ def uninterrupted(spec, tmp_path_factory) -> dict[str, torch.Tensor]:
     """The reference run, in a subprocess like the killed ones."""
     root = tmp_path_factory.mktemp("whole")
     proc = _start("none", 0, _config_file(spec, root / "c.yaml"), root / "run")
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
+    proc.communicate(timeout=DEADLINE_S)
+    assert proc.returncode == 0, _stderr_tail(proc)
     return _adapter(root / "run")
 
 
@@ -75,27 +79,74 @@ def _config_file(spec: dict, path: Path) -> Path:
     return path
 
 
+DEADLINE_S = 300  # every wait on a child has one: a hung child fails its test instead of hanging the suite
+
+
 def _start(mode: str, step: int, config: Path, run: Path, *extra: str) -> subprocess.Popen:
+    """The training driver in a child process; its stderr goes to a file (a pipe nobody drains could fill and block
+    the child), its stdout is read line by line against a deadline (_wait_for_pause)."""
     command = [sys.executable, "-m", "tests.train_driver", mode, str(step), "--"]
     command += ["--config", str(config), "--output-dir", str(run), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the child
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    proc.stderr_file = stderr
+    return proc
+
+
+def _stderr_tail(proc: subprocess.Popen) -> str:
+    proc.stderr_file.seek(0)
+    return proc.stderr_file.read()[-2000:]
+
+
+def _wait_for_pause(proc: subprocess.Popen, deadline: float = DEADLINE_S) -> bool:
+    """True once the child prints PAUSED, False if it ends first; past the deadline it is killed and the test fails."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, end - time.monotonic()))
+        except queue.Empty:
+            proc.kill()
+            proc.wait(timeout=60)
+            raise AssertionError(f"no PAUSED from the child within {deadline:g} s: {_stderr_tail(proc)}") from None
+        if line is None:
+            return False
+        if line.strip() == "PAUSED":
+            return True
+
+
+def test_a_hung_child_fails_at_the_deadline_instead_of_hanging_the_suite():
+    stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the child
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)"], stdout=subprocess.PIPE, stderr=stderr
+    )
+    proc.stderr_file = stderr
+    started = time.monotonic()
+    with pytest.raises(AssertionError, match="no PAUSED from the child within 1 s"):
+        _wait_for_pause(proc, deadline=1)
+    assert time.monotonic() - started < 30 and proc.returncode is not None  # killed, not left running
 
 
 def _kill_when_paused(proc: subprocess.Popen) -> None:
-    for line in proc.stdout:
-        if line.strip() == "PAUSED":
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=60)
-            return
+    paused = _wait_for_pause(proc)
+    if paused:
+        proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    raise AssertionError(f"the run ended without pausing: {proc.stderr.read()[-2000:]}")
+    assert paused, f"the run ended without pausing: {_stderr_tail(proc)}"
 
 
 def _resume(config: Path, run: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "molora.cli", "--config", str(config), "--output-dir", str(run), "--resume"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=DEADLINE_S)
 
 
 # Kill and resume -----------------------------------------------------------------------------------------------------
@@ -201,9 +252,7 @@ def test_every_checkpoint_file_is_in_its_manifest(spec, tmp_path):
 def test_a_second_writer_into_a_live_run_folder_exits_2_and_a_killed_run_leaves_no_stuck_lock(spec, tmp_path, capsys):
     config, run = _config_file(spec, tmp_path / "c.yaml"), tmp_path / "run"
     proc = _start("after-save", 4, config, run)
-    for line in proc.stdout:
-        if line.strip() == "PAUSED":
-            break
+    assert _wait_for_pause(proc), _stderr_tail(proc)
     try:
         assert train_main(["--config", str(config), "--output-dir", str(run), "--resume"]) == 2
         err = capsys.readouterr().err

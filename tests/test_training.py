@@ -10,6 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from molora.data import MultiDomainData
 from molora.run_config import RunConfig
 from molora.run_setup import lr_factor
 from molora.training import train
@@ -103,7 +104,7 @@ def test_resume_without_a_checkpoint_is_an_error(tiny, tmp_path):
         train(RunConfig.from_dict(tiny_run_config(model_dir, data_file)), tmp_path / "none", resume=True)
 
 
-def test_two_process_torchrun_ends_with_identical_adapters(tiny, tmp_path):
+def test_two_process_torchrun_ends_with_identical_adapters(tiny, tmp_path, monkeypatch):
     model_dir, data_file = tiny
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_run_config(model_dir, data_file, steps=6)))
@@ -113,7 +114,7 @@ def test_two_process_torchrun_ends_with_identical_adapters(tiny, tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=29517",
+        "--standalone",  # a free port of its own: two runs at once do not collide
         "-m",
         "train.train",
         "--config",
@@ -126,11 +127,30 @@ def test_two_process_torchrun_ends_with_identical_adapters(tiny, tmp_path):
     result = json.loads((tmp_path / "ddp" / "eval.json").read_text())
     assert result["world_size"] == 2 and result["ranks_identical"] is True
 
+    # The reference: one process, the same global batches. Two micro-batches per step (grad_accum=2), micro-batch m
+    # being rank m's slice of global batch `step`: the mean of the two gradients is what the all-reduce makes.
+    original = MultiDomainData.train_batch
+
+    def as_rank(self, index, batch_size, rank=0, world_size=1):
+        return original(self, index // 2, batch_size, rank=index % 2, world_size=2)
+
+    monkeypatch.setattr(MultiDomainData, "train_batch", as_rank)
+    train(RunConfig.from_dict(tiny_run_config(model_dir, data_file, steps=6, grad_accum=2)), tmp_path / "one")
+    sharded = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    single = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    assert sharded.keys() == single.keys()
+    for key, value in single.items():  # the sums of the all-reduce run in another order: float tolerance
+        torch.testing.assert_close(sharded[key], value, rtol=1e-4, atol=1e-6)
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in single.items())  # trained, not two zero-init B's
+
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     values = [lr_factor(s, warmup=4, total=20, min_ratio=0.1) for s in range(20)]
     assert values[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert all(a >= b for a, b in zip(values[3:], values[4:], strict=False))  # noqa: RUF007
+    # cosine by hand: 0.1 + 0.9 * (1 + cos(pi * progress)) / 2, progress = (step - 4) / 16
+    assert values[8] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))  # 0.8682
+    assert values[12] == pytest.approx(0.55)  # halfway: the midpoint between peak and floor
     assert lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
 
 
