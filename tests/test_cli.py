@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,12 @@ def test_every_shipped_config_parses(path):
         return
     config = load_run_config(path)
     assert config.train.steps > 0
+
+
+@pytest.mark.parametrize("command", ["molora-train", "molora-inspect", "molora-ablate", "molora-ranks"])
+def test_the_installed_commands_answer_help(command):
+    """The console scripts pyproject declares are installed beside this interpreter (pip install -e .) and run."""
+    script = Path(sys.executable).parent / command
+    assert script.exists(), f"{command} is not installed beside {sys.executable}: pip install -e ."
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]
