@@ -141,6 +141,13 @@ def test_rows_in_fresh_processes_two_at_a_time_and_the_cli(tiny_spec, tmp_path, 
     run = tmp_path / "out" / "rows" / "task" / "seed0" / "run"
     assert inspect_main(["--run", str(run), "--output-dir", str(tmp_path / "inspected")]) == 0
     assert "I(task; expert)" in capsys.readouterr().out
+    # bench/deploy_report.py on the same finished run: the INT8 export's report, written where asked
+    from bench import deploy_report
+
+    deploy_report.main(["--run", str(run), "--out", str(tmp_path / "deploy.md")])
+    report = (tmp_path / "deploy.md").read_text()
+    assert report.startswith("# INT8 export of") and "int8" in report
+    capsys.readouterr()
     # --data: the routing on the user's own files; a file that is not data is exit 2, naming it
     data = spec["data"]["files"][0]
     assert inspect_main(["--run", str(run), "--data", data, "--output-dir", str(tmp_path / "on-data")]) == 0

@@ -175,7 +175,9 @@ def test_steady_allocator_stops_the_page_faults_of_reallocated_memory(tmp_path):
     script.write_text(STEADY_PROBE.format(root=str(Path(__file__).resolve().parent.parent)))
     counts = {}
     for mode in ("default", "steady"):
-        run = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, check=True)
+        run = subprocess.run(
+            [sys.executable, str(script), mode], capture_output=True, text=True, check=True, timeout=120
+        )
         counts[mode] = int(run.stdout.strip().splitlines()[-1])
     assert counts["default"] >= 20 * 16384 * 0.9
     assert counts["steady"] <= 4 * 16384
