@@ -49,6 +49,11 @@ TINY_SIZES = {
     **dict.fromkeys(("qk_rope_head_dim", "qk_nope_head_dim"), 4),  # multi-head latent attention: 4 + 4 = head_dim
     **dict.fromkeys(("v_head_dim", "rotary_dim"), 8),
     "num_experts_per_tok": 2,
+    # state-space layers (Mamba-2 and its hybrids): heads x head size = expand x hidden; short chunks, or the plain
+    # torch path pads every call to 256 positions
+    **dict.fromkeys(("mamba_n_heads", "mamba_d_head"), 8),
+    "mamba_d_ssm": 64,
+    **dict.fromkeys(("mamba_d_state", "ssm_state_size", "mamba_chunk_size", "chunk_size"), 16),
     "vocab_size": VOCAB,
     "pad_token_id": 0,
     "bos_token_id": 1,
@@ -95,7 +100,7 @@ class Excluded(Exception):
 
 
 # Fields that must agree with the layer count and have no generic small value.
-TYPE_SIZES = {"gpt_neo": {"attention_types": [[["global", "local"], 1]]}}
+TYPE_SIZES = {"gpt_neo": {"attention_types": [[["global", "local"], 1]]}, "mamba2": {"num_heads": 8}}
 
 
 def tiny_config(model_type: str):

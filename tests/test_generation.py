@@ -5,6 +5,8 @@ with and without padding (left for decoders, right for the encoder), batch 1 and
 num_return_sequences=2, 20 seeds each (base weights, adapter weights and prompts all change with the seed).
 """
 
+import os
+
 import pytest
 import torch
 
@@ -18,7 +20,9 @@ DECODERS = ["llama", "qwen2", "gpt2"]
 MODES = [("softmax", None), ("topk", None), ("switch", None), ("task", None), ("intuition", "causal")]
 MODES += [("intuition", "prompt")]
 CASES = [(a, r, p) for a in DECODERS for r, p in MODES] + [("bart", r, p) for r, p in [*MODES, ("intuition", "mean")]]
-SEEDS = range(20)
+# 20 seeds on the newest releases; CI's floors leg (.ci/run) sets fewer: there the question is whether the oldest
+# declared transformers passes its cache the same way, which a few seeds answer.
+SEEDS = range(int(os.environ.get("MOLORA_GENERATION_SEEDS", "20")))
 NEW_TOKENS = 4
 
 
