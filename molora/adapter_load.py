@@ -3,14 +3,18 @@ reported the way torch's load_state_dict does."""
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from molora.config import CONFIG_NAME, WEIGHTS_NAME, MoLoRAConfig
-from molora.quantize import QUANTIZATION_FORMAT, dequantize_state_dict, is_quantized
+from molora.config import CONFIG_NAME, WEIGHTS_NAME, MoLoRAConfig, read_config_file
+from molora.file_formats import canonical_json, sha256_file
+from molora.quantize import QUANTIZATION_FORMAT, QUANTIZED_SUFFIX, dequantize_state_dict, is_quantized
+from molora.tensor_files import FLOATING, check_finite_values, load_tensors
 from molora.utils import atomic_write
 
 
@@ -67,6 +71,15 @@ def _by_module(keys: list[str]) -> dict[str, list[str]]:
     return grouped
 
 
+def adapter_file_digest(weights: Path, fields: dict[str, Any]) -> str:
+    """sha256 of the weights file followed by the config's other fields as canonical JSON: one value that changes
+    when either file does (integrity against a damaged or edited adapter, not trust: anyone can recompute it)."""
+    digest = hashlib.sha256()
+    sha256_file(weights, digest)
+    digest.update(canonical_json(fields))
+    return digest.hexdigest()
+
+
 def write_adapter_files(directory: Path, state: dict[str, torch.Tensor], config: MoLoRAConfig) -> None:
     """adapter_model.safetensors (each file replaced whole, never half-written) and molora_config.json."""
     from safetensors.torch import save_file
@@ -78,26 +91,46 @@ def write_adapter_files(directory: Path, state: dict[str, torch.Tensor], config:
         metadata["molora_quantization"] = QUANTIZATION_FORMAT
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata=metadata))
-    config.to_json_file(directory / CONFIG_NAME)
+    config.to_json_file(
+        directory / CONFIG_NAME, sha256=adapter_file_digest(directory / WEIGHTS_NAME, config.file_fields())
+    )
 
 
-def read_adapter_files(directory: Path) -> tuple[MoLoRAConfig, dict[str, torch.Tensor]]:
-    """The config and the (dequantised) tensors of an adapter folder; a missing or unreadable file is named."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def read_adapter_config(directory: Path) -> MoLoRAConfig:
+    """The config of an adapter folder, its format and its checksum checked (molora.config.read_config_file)."""
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-    config = MoLoRAConfig.from_json_file(directory / CONFIG_NAME)
+    config, data = read_config_file(directory / CONFIG_NAME)
+    if "sha256" in data:
+        fields = {key: value for key, value in data.items() if key != "sha256"}
+        if adapter_file_digest(weights, fields) != data["sha256"]:
+            raise ValueError(
+                f"{directory}: {WEIGHTS_NAME} or {CONFIG_NAME} changed since they were saved (their sha256 differs "
+                f'from the one {CONFIG_NAME} records); if you edited the config on purpose, delete its "sha256" '
+                "field to load it as it is now"
+            )
+    return config
+
+
+def read_adapter_tensors(directory: Path, expected: dict[str, torch.Tensor], strict: bool) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, dequantised, after the header checks of molora.tensor_files; `expected` (the model's
+    adapter state) bounds how many tensors the file may list: three per expected one covers int8 files (values and
+    scales) and a strict=False load of a somewhat larger adapter."""
+    weights = directory / WEIGHTS_NAME
+    header, state = load_tensors(weights, max_entries=3 * len(expected) + 16)
+    for name, entry in header.entries.items():
+        allowed = ("I8",) if name.endswith(QUANTIZED_SUFFIX) else FLOATING
+        if entry.dtype not in allowed:
+            raise ValueError(f"{weights}: tensor {name!r} is {entry.dtype}; it must be one of {list(allowed)}")
+    if not is_quantized(state):
+        return state
     try:
-        state = load_file(str(weights))
-    except SafetensorError as err:
-        raise ValueError(f"{weights} is not a readable safetensors file ({err})") from None
-    try:
-        return config, dequantize_state_dict(state) if is_quantized(state) else state
+        plain = dequantize_state_dict(state)
     except ValueError as err:
         raise ValueError(f"{directory}: {err}") from None
+    check_finite_values(weights, plain)  # finite int8 values times a finite scale can still overflow
+    return plain
 
 
 def copy_adapter_state(

@@ -1,18 +1,19 @@
 """Checkpoints a killed run can trust: written whole or not at all, verified on load, one writer per run folder.
 
 A checkpoint is `checkpoints/step-N/` with the adapter, the trainer state (optimizer, scheduler, RNG, the run's
-config) and `manifest.json` (the sha256 and size of every other file). It is built in a hidden staging folder,
+config; molora.trainer_state) and `manifest.json` (the checkpoint's format version, the sha256 and size of every
+other file). It is built in a hidden staging folder,
 each file flushed to disk, and renamed into place only when complete, so a kill leaves either the whole folder or
-none. Loading checks the manifest; `--resume` skips a checkpoint that fails it and says so.
+none. Loading checks the manifest; `--resume` skips a checkpoint that fails it and says so. The manifest guards
+against a torn or corrupted file, not against whoever wrote the folder: anyone can rewrite it to match their files,
+which is why nothing in a checkpoint is read in a way that could run code.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
-import random
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -22,8 +23,26 @@ from typing import Any
 import torch
 from torch import nn
 
-STATE_NAME = "trainer_state.pt"
+from molora.file_formats import (
+    CHECKPOINT_FORMAT,
+    FORMAT_KEY,
+    FormatVersionError,
+    check_keys,
+    format_version,
+    read_json,
+    sha256_file,
+)
+from molora.trainer_state import (
+    JSON_NAME,
+    LEGACY_NAME,
+    TENSORS_NAME,
+    read_legacy_trainer_state,
+    read_trainer_state,
+    write_trainer_state,
+)
+
 MANIFEST_NAME = "manifest.json"
+MANIFEST_KEYS = (FORMAT_KEY, "step", "files")
 LOCK_NAME = ".molora-train.lock"
 # Config keys a resumed run may change: how far it goes, and how it reports.
 RESUMABLE_CHANGES = ("train.steps", "train.stop_after", "train.progress", "train.report_to")
@@ -35,14 +54,6 @@ class CheckpointError(ValueError):
 
 class NonFiniteError(RuntimeError):
     """NaN or inf where a finite number is required (a loss, a gradient, a weight about to be saved)."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -65,40 +76,40 @@ def check_finite(named_tensors: dict[str, torch.Tensor], what: str) -> None:
         raise NonFiniteError(f"{what}: non-finite values in {len(bad)} tensor(s), e.g. {bad[:3]}; nothing written")
 
 
-def rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def write_manifest(folder: Path, step: int) -> None:
     files = {
         p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name != MANIFEST_NAME
     }
-    (folder / MANIFEST_NAME).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
+    manifest = {FORMAT_KEY: CHECKPOINT_FORMAT, "step": step, "files": files}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+# The trainer state files of each checkpoint format (molora.file_formats lists the formats).
+STATE_FILES = {1: (LEGACY_NAME,), 2: (TENSORS_NAME, JSON_NAME)}
 
 
 def verify_checkpoint(folder: Path) -> dict[str, Any]:
-    """The manifest of a complete, unaltered checkpoint; CheckpointError naming the first file that is not."""
+    """The manifest of a complete, unaltered checkpoint; CheckpointError naming the first file that is not.
+
+    A checkpoint in a newer format is a FormatVersionError (it is not damaged: this molora is too old for it).
+    """
     manifest_path = folder / MANIFEST_NAME
     if not manifest_path.is_file():
         raise CheckpointError(f"{folder}: no {MANIFEST_NAME} (incomplete checkpoint)")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError) as err:
+        manifest = read_json(manifest_path, "checkpoint manifest", limit=1 << 20)
+        version = format_version(manifest, manifest_path, CHECKPOINT_FORMAT, "checkpoint")
+        check_keys(manifest, MANIFEST_KEYS, str(manifest_path))
+        files = _listed_files(manifest, manifest_path)
+    except FormatVersionError:
+        raise
+    except ValueError as err:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
+    needed = [name for name in STATE_FILES[version] if name not in files]
+    if needed:
+        raise CheckpointError(f"{manifest_path}: lists no {needed} (a format-{version} checkpoint has them)")
     for name, expected in files.items():
         path = folder / name
         if not path.is_file():
@@ -108,13 +119,26 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: {size} bytes, the manifest says {expected['bytes']} (truncated?)")
         if sha256_file(path) != expected["sha256"]:
             raise CheckpointError(f"{path}: sha256 differs from the manifest (file altered or corrupt)")
-    return manifest
+    return {**manifest, FORMAT_KEY: version}
+
+
+def _listed_files(manifest: dict[str, Any], where: Path) -> dict[str, dict[str, Any]]:
+    """{file name: {sha256, bytes}}: plain names in the checkpoint's own folder (no path leads elsewhere)."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ValueError("'files' must map file names to their sha256 and size")
+    for name, entry in files.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"{name!r} is not a file name in the checkpoint's folder")
+        if not (isinstance(entry, dict) and set(entry) == {"sha256", "bytes"} and type(entry["bytes"]) is int):
+            raise ValueError(f"{name!r}: needs exactly sha256 and bytes")
+    return files
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, save_adapter, state: dict[str, Any], step: int, keep: int) -> Path:
     """checkpoints/step-N/: staged in a hidden folder, verified finite, fsynced, then renamed into place.
 
-    save_adapter(folder) writes the adapter files; state is pickled as the trainer state.
+    save_adapter(folder) writes the adapter files; state is the trainer state (molora.trainer_state).
     """
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     check_finite(trainable, f"checkpoint at step {step}")
@@ -123,7 +147,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, save_adapter, state: dict[s
     staging = Path(tempfile.mkdtemp(prefix=".step-", dir=root))
     try:
         save_adapter(staging)
-        torch.save({**state, "step": step}, staging / STATE_NAME)
+        write_trainer_state(staging, {**state, "step": step})
         write_manifest(staging, step)
         for path in staging.iterdir():
             _fsync_file(path)
@@ -161,14 +185,23 @@ class ResumePoint:
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (newer checkpoint, why it was skipped)
 
 
-def latest_good_checkpoint(run_dir: Path) -> ResumePoint | None:
-    """The newest checkpoint that passes its manifest and whose trainer state loads; the ones skipped, and why."""
+def latest_good_checkpoint(run_dir: Path, max_tensors: int) -> ResumePoint | None:
+    """The newest checkpoint that passes its manifest and whose trainer state loads; the ones skipped, and why.
+
+    `max_tensors` bounds the tensors a trainer state file may list. A checkpoint in a newer format stops the search
+    (FormatVersionError): falling back past it would quietly throw its steps away.
+    """
     skipped: list[tuple[Path, str]] = []
     for folder in reversed(checkpoint_folders(run_dir)):
         try:
-            verify_checkpoint(folder)
-            state = torch.load(folder / STATE_NAME, weights_only=False)
-        except (CheckpointError, OSError, RuntimeError, EOFError) as err:
+            version = verify_checkpoint(folder)[FORMAT_KEY]
+            if version == 1:
+                state = read_legacy_trainer_state(folder / LEGACY_NAME)
+            else:
+                state = read_trainer_state(folder, max_tensors)
+        except FormatVersionError:
+            raise
+        except (ValueError, OSError) as err:
             skipped.append((folder, str(err)))
             continue
         return ResumePoint(folder, state, skipped)

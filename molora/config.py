@@ -13,6 +13,7 @@ from typing import Any
 
 from molora import allocation
 from molora.allocation import NUM_QUARTERS, is_preset
+from molora.file_formats import ADAPTER_FORMAT, FORMAT_KEY, check_keys, format_version, read_json
 from molora.version import __version__
 
 # PEFT's shorthand for target_modules: every nn.Linear and Conv1D of the model but its output head.
@@ -28,7 +29,6 @@ DISPATCHES = ("auto", "dense", "grouped")
 MIN_ROUTER_TEMPERATURE = 1e-3
 CONFIG_NAME = "molora_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_WARNED_UNKNOWN_KEYS: set[str] = set()
 
 
 def _check_patterns(name: str, value: Any, *, minimum: int | float, kind: type, strict: bool = False) -> None:
@@ -381,30 +381,48 @@ class MoLoRAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MoLoRAConfig:
+        """The config of `data`'s fields (and the molora_version to_dict adds); an unknown key is a ValueError."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - {"molora_version"})
-        new = [key for key in unknown if key not in _WARNED_UNKNOWN_KEYS]
-        if new:
-            _WARNED_UNKNOWN_KEYS.update(new)
-            warnings.warn(f"MoLoRAConfig: ignoring unknown keys {new}", stacklevel=2)
+        check_keys(data, known | {"molora_version"}, "MoLoRAConfig")
         return cls(**{key: value for key, value in data.items() if key in known})
 
-    def to_json_file(self, path: str | Path) -> None:
+    def to_json_file(self, path: str | Path, sha256: str | None = None) -> None:
+        """The config as an adapter file of the current format; `sha256` as adapter_file_digest computed it."""
         from molora.utils import atomic_write_text
 
         # Top-level keys sorted; pattern dicts (num_experts, rank_pattern, ...) keep their order: the first match wins.
-        data = dict(sorted(self.to_dict().items()))
+        data = dict(sorted(self.file_fields().items()))
+        if sha256 is not None:
+            data["sha256"] = sha256
         atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
+
+    def file_fields(self) -> dict[str, Any]:
+        """What molora_config.json holds but for its checksum: the fields, molora_version and format_version."""
+        return {**self.to_dict(), FORMAT_KEY: ADAPTER_FORMAT}
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> MoLoRAConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no MoLoRA config at {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
-            raise ValueError(f"{path} is not a valid MoLoRA config (JSON): {err}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object of MoLoRAConfig fields, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return read_config_file(Path(path))[0]
+
+
+# Keys an adapter config holds besides the fields, by format version (molora.file_formats lists the formats).
+_FILE_KEYS = {1: ("molora_version",), 2: ("molora_version", FORMAT_KEY, "sha256")}
+
+
+def read_config_file(path: Path) -> tuple[MoLoRAConfig, dict[str, Any]]:
+    """The config in molora_config.json and the file's JSON as written; every problem a ValueError naming the file.
+
+    A newer format is refused; format 1 (no version field) converts as it is: its fields are format 2's.
+    """
+    data = read_json(path, "molora adapter config")
+    version = format_version(data, path, ADAPTER_FORMAT, "molora adapter")
+    fields = {key: value for key, value in data.items() if key not in _FILE_KEYS[version]}
+    known = {f.name for f in dataclasses.fields(MoLoRAConfig)}
+    check_keys(fields, known | set(_FILE_KEYS[version]), str(path))
+    for key in ("molora_version", "sha256"):
+        if key in data and not isinstance(data[key], str):
+            raise ValueError(f"{path}: {key} must be a string, got {data[key]!r}")
+    try:
+        return MoLoRAConfig.from_dict(fields), data
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: {err}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -11,8 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from molora.adapter_load import AdapterLoadResult, copy_adapter_state, read_adapter_files, write_adapter_files
-from molora.config import CONFIG_NAME, MoLoRAConfig
+from molora.adapter_load import (
+    AdapterLoadResult,
+    copy_adapter_state,
+    read_adapter_config,
+    read_adapter_tensors,
+    write_adapter_files,
+)
+from molora.config import CONFIG_NAME, WEIGHTS_NAME, MoLoRAConfig
 from molora.context import (
     MaskCapture,
     RoutingContext,
@@ -21,6 +28,7 @@ from molora.context import (
     find_cache_length,
     routing_context,
 )
+from molora.hub import adapter_folder, push_adapter
 from molora.inputs import CallShape, check_batch, first_input, prompt_mask_tensor, task_id_tensor
 from molora.inspect import RoutingRecorder
 from molora.layer import MoLoRALinear
@@ -29,6 +37,8 @@ from molora.merging import merge_fixed_gates, resolve_fixed_gates
 from molora.patcher import InjectionReport, inject, molora_layers, unload
 from molora.quantize import quantize_adapters
 from molora.routers import ROUTERS
+
+ADAPTER_FILES = (WEIGHTS_NAME, CONFIG_NAME)  # the files of an adapter, and all a Hub id downloads
 
 
 class MoLoRAModel(nn.Module):
@@ -320,23 +330,51 @@ class MoLoRAModel(nn.Module):
         self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
     # Save and load ----------------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | Path, bits: int | None = None) -> None:
-        """The adapter (experts, routers) and its config; bits=8 stores the expert factors as int8 with scales."""
+    def save_pretrained(
+        self, save_directory: str | Path, bits: int | None = None, push_to_hub: bool = False, **push_options: Any
+    ) -> None:
+        """The adapter (experts, routers) and its config; bits=8 stores the expert factors as int8 with scales.
+
+        push_to_hub=True also uploads both files as one commit to `repo_id` (default: the folder's name), with
+        push_to_hub()'s other options.
+        """
         state = self.adapter_state_dict() if bits is None else quantize_adapters(self, bits)
         write_adapter_files(Path(save_directory), state, self.molora_config)
+        if push_to_hub:
+            repo_id = push_options.pop("repo_id", None) or Path(save_directory).resolve().name
+            push_adapter(Path(save_directory), ADAPTER_FILES, repo_id, **push_options)
+
+    def push_to_hub(self, repo_id: str, bits: int | None = None, **options: Any) -> Any:
+        """The adapter to the Hub repo `repo_id` as one commit of its two files (commit_message, private, token,
+        revision, create_pr as huggingface_hub takes them); returns the CommitInfo."""
+        with tempfile.TemporaryDirectory(prefix="molora-push-") as folder:
+            self.save_pretrained(folder, bits=bits)
+            return push_adapter(Path(folder), ADAPTER_FILES, repo_id, **options)
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, path: str | Path, is_trainable: bool = False, verbose: bool = False, strict: bool = True
+        cls,
+        model: nn.Module,
+        path: str | Path,
+        is_trainable: bool = False,
+        verbose: bool = False,
+        strict: bool = True,
+        **hub: Any,
     ) -> MoLoRAModel:
-        """As PEFT: the adapter in eval mode and frozen unless is_trainable.
+        """As PEFT: the adapter in eval mode and frozen unless is_trainable. `path` is a folder or a Hub id
+        (`org/name`, with revision, cache_dir, token, local_files_only as huggingface_hub takes them).
 
         strict=False loads the tensors that fit, warns about the rest and keeps the result as `.load_result`. When
         loading fails, `model` is given back as it was (the injected layers are taken out again).
         """
-        directory = Path(path)
-        config, state = read_adapter_files(directory)
+        directory = adapter_folder(path, ADAPTER_FILES, **hub)
+        config = read_adapter_config(directory)
         molora = cls(model, config, verbose=verbose)
+        try:
+            state = read_adapter_tensors(directory, molora.adapter_state_dict(), strict)
+        except ValueError:
+            molora.unload()
+            raise
         try:
             molora.load_result = molora.load_adapter_state_dict(state, strict=strict)
         except ValueError as err:

@@ -24,13 +24,17 @@ import torch
 from torch import nn
 
 from molora.config import MoLoRAConfig
+from molora.file_formats import read_json
+from molora.hub import HUB_OPTIONS, adapter_folder, is_hub_id
 from molora.merging import fixed_factors, resolve_fixed_gates
 from molora.model import MoLoRAModel
 from molora.patcher import molora_layers
+from molora.tensor_files import load_tensors
 from molora.utils import atomic_write, atomic_write_text
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_FILES = (PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME)  # what a Hub id downloads: never adapter_model.bin, a pickle
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the Hugging Face model; the adapter name is not saved
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
 # LoraConfig options that change what an adapter computes beyond B @ A (or add tensors molora has no place for).
@@ -161,43 +165,59 @@ def _read_peft_config(directory: Path) -> dict[str, Any]:
     config_path = directory / PEFT_CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"no {PEFT_CONFIG_NAME} in {directory} (not a PEFT adapter folder)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_path} is not valid JSON: {err}") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
-        raise ValueError(f"{directory}: only LoRA adapters become experts (peft_type 'LORA'), got {found!r}")
+    config = read_json(config_path, "PEFT adapter config")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(
+            f"{directory}: only LoRA adapters become experts (peft_type 'LORA'), got {config.get('peft_type')!r}"
+        )
     used = [key for key in _UNSUPPORTED_PEFT_OPTIONS if config.get(key)]
     if used:
         raise ValueError(
-            f"{directory}: {', '.join(f'{key}={config[key]!r}' for key in used)} adds more than B @ A per module, "
+            f"{directory}: {', '.join(f'{key}={config[key]!r:.80}' for key in used)} adds more than B @ A per module, "
             "which a molora expert cannot hold"
         )
     if config.get("bias", "none") != "none":
-        raise ValueError(f"{directory}: bias={config['bias']!r} trains base biases; only bias='none' is supported")
+        raise ValueError(f"{directory}: bias={config['bias']!r:.80} trains base biases; only bias='none' is supported")
+    _check_peft_types(config, config_path)
     return config
 
 
-def _read_peft_factors(directory: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
+
+def _check_peft_types(config: dict[str, Any], where: Path) -> None:
+    """The fields molora reads, type-checked: a file from elsewhere gets a ValueError, not a TypeError later."""
+    alphas = config.get("alpha_pattern") or {}
+    checks = {
+        "lora_alpha": _is_number(config.get("lora_alpha", 8)),
+        "alpha_pattern": isinstance(alphas, dict) and all(_is_number(v) for v in alphas.values()),
+        "use_rslora": isinstance(config.get("use_rslora", False), bool),
+        "lora_dropout": _is_number(config.get("lora_dropout", 0.0)) and 0 <= config.get("lora_dropout", 0.0) < 1,
+    }
+    for key in alphas:
+        try:
+            re.compile(key)
+        except (re.error, TypeError):
+            checks["alpha_pattern"] = False
+    wrong = [key for key, ok in checks.items() if not ok]
+    if wrong:
+        raise ValueError(f"{where}: {wrong[0]}={config.get(wrong[0])!r:.80} is not a value PEFT writes there")
+
+
+def _read_peft_factors(directory: Path, max_entries: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     weights = directory / PEFT_WEIGHTS_NAME
     if not weights.is_file():
         hint = " (adapter_model.bin found: save it again with safe_serialization=True)"
         raise FileNotFoundError(
             f"no {PEFT_WEIGHTS_NAME} in {directory}" + (hint if (directory / "adapter_model.bin").exists() else "")
         )
-    try:
-        state = load_file(str(weights))
-    except SafetensorError as err:
-        raise ValueError(f"{weights} is not a readable safetensors file ({err})") from None
+    _, state = load_tensors(weights, max_entries)
     sides: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, tensor in state.items():
         match = _PEFT_KEY.match(key)
-        if match is None or tensor.dim() != 2:
+        if match is None or tensor.dim() != 2 or not tensor.is_floating_point():
             unknown.append(key)
             continue
         sides.setdefault(match["module"], {})[match["side"]] = tensor
@@ -205,7 +225,7 @@ def _read_peft_factors(directory: Path) -> dict[str, tuple[torch.Tensor, torch.T
         raise ValueError(f"{weights}: tensors that are not LoRA A/B matrices of a linear layer: {unknown[:5]}")
     factors = {}
     for module, pair in sorted(sides.items()):
-        if set(pair) != {"A", "B"} or pair["A"].shape[0] != pair["B"].shape[1]:
+        if set(pair) != {"A", "B"} or pair["A"].shape[0] != pair["B"].shape[1] or pair["A"].shape[0] == 0:
             shapes = {side: list(t.shape) for side, t in pair.items()}
             raise ValueError(f"{weights}: module {module} needs lora_A [r, d_in] and lora_B [d_out, r], got {shapes}")
         factors[module] = (pair["A"], pair["B"])
@@ -214,12 +234,13 @@ def _read_peft_factors(directory: Path) -> dict[str, tuple[torch.Tensor, torch.T
     return factors
 
 
-def read_peft_adapter(path: str | Path) -> PeftAdapter:
+def read_peft_adapter(path: str | Path, max_entries: int = 100_000) -> PeftAdapter:
+    """A PEFT LoRA adapter folder; its weights file may list at most `max_entries` tensors (refused unread past it)."""
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a folder (a PEFT adapter is a folder with {PEFT_CONFIG_NAME})")
     config = _read_peft_config(directory)
-    factors = _read_peft_factors(directory)
+    factors = _read_peft_factors(directory, max_entries)
     default_alpha = config.get("lora_alpha", 8)
     alphas = {module: float(_pattern_value(config.get("alpha_pattern"), module, default_alpha)) for module in factors}
     return PeftAdapter(
@@ -272,7 +293,8 @@ def from_peft_adapters(
     """A MoLoRAModel with one expert per PEFT LoRA adapter (in the order given), routed by `router`.
 
     trainable: "router" (X-LoRA: the adapters stay frozen, the router learns to pick them), "all", or "none" (eval
-    mode, nothing trains). Other MoLoRAConfig options (top_k, num_tasks, aux_losses, ...) pass through; the ones
+    mode, nothing trains). An adapter may be a Hub id (`org/name`; revision, cache_dir, token and local_files_only
+    apply to every Hub id given). Other MoLoRAConfig options (top_k, num_tasks, aux_losses, ...) pass through; the ones
     the adapters decide (targets, ranks, alphas, expert count) cannot. mixture_scaling defaults to "mean", so
     that gates summing to 1 weigh whole adapters. Everything is read and checked before `base` is touched; if the
     tensors do not fit the base model, `base` is given back as it was.
@@ -284,7 +306,10 @@ def from_peft_adapters(
     derived = sorted(set(options) & set(_DERIVED_OPTIONS))
     if derived:
         raise ValueError(f"{derived} are read from the adapters and cannot be given")
-    read = [read_peft_adapter(path) for path in adapters]
+    hub = {key: options.pop(key) for key in HUB_OPTIONS if key in options}
+    folders = [adapter_folder(path, PEFT_FILES, **hub) if is_hub_id(path) else Path(path) for path in adapters]
+    max_entries = 2 * sum(1 for _ in base.modules()) + 16  # A and B per module at most
+    read = [read_peft_adapter(folder, max_entries) for folder in folders]
     modules = _check_same_modules(read)
     plans = {module: _module_plan(read, module, pad_ranks) for module in modules}
     rank, rank_pattern = _common_and_patterns({m: plan[0] for m, plan in plans.items()})

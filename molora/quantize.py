@@ -88,6 +88,14 @@ def dequantize_state_dict(
             scale = state.get(base + SCALE_SUFFIX)
             if scale is None or tensor.dtype != torch.int8:
                 raise ValueError(f"quantised adapter: {key} needs int8 values and a {base + SCALE_SUFFIX} tensor")
+            fits = scale.dim() == tensor.dim() and all(
+                s in (1, t) for s, t in zip(scale.shape, tensor.shape, strict=True)
+            )
+            if not fits:
+                raise ValueError(
+                    f"quantised adapter: {base + SCALE_SUFFIX} {list(scale.shape)} cannot scale {key} "
+                    f"{list(tensor.shape)}"
+                )
             plain[base] = dequantize_tensor(tensor, scale, dtype)
         else:
             plain[key] = tensor

@@ -14,14 +14,15 @@ import yaml
 
 from molora.checkpoint import (
     RESUMABLE_CHANGES,
+    CheckpointError,
     config_differences,
     latest_good_checkpoint,
     remove_staging,
-    set_rng_state,
 )
 from molora.reporting import open_reporters
 from molora.run_config import read_as_current
 from molora.run_setup import load_adapter_weights
+from molora.trainer_state import set_rng_state
 from molora.utils import atomic_write_text
 
 if TYPE_CHECKING:
@@ -42,7 +43,8 @@ def resume_from_checkpoint(run: Run) -> Progress:
     removed = remove_staging(run.run_dir) if run.is_main else []
     for path in removed:
         run.say(f"resume: removed {path.name}, a checkpoint whose writing was interrupted")
-    point = latest_good_checkpoint(run.run_dir)
+    trainable = sum(1 for p in run.model.parameters() if p.requires_grad)
+    point = latest_good_checkpoint(run.run_dir, max_tensors=4 * trainable + 16)  # Adam: step, two moments per tensor
     if point is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run.run_dir / 'checkpoints'}")
     for folder, why in point.skipped:
@@ -57,9 +59,12 @@ def resume_from_checkpoint(run: Run) -> Progress:
                 f"{', '.join(RESUMABLE_CHANGES)} may change when resuming"
             )
     load_adapter_weights(run.model, point.folder)
-    run.optimizer.load_state_dict(point.state["optimizer"])
-    run.scheduler.load_state_dict(point.state["scheduler"])
-    set_rng_state(point.state["rng"])
+    try:
+        run.optimizer.load_state_dict(point.state["optimizer"])
+        run.scheduler.load_state_dict(point.state["scheduler"])
+        set_rng_state(point.state["rng"])
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as err:
+        raise CheckpointError(f"--resume: {point.folder}'s trainer state does not fit this run ({err})") from None
     run.say(f"resume: continuing from {point.folder.name}")
     return Progress(point.state["step"], point.state["eval_before"], point.state.get("bad_steps", 0))
 

@@ -10,9 +10,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from molora.adapter_load import read_adapter_config, read_adapter_tensors
 from molora.config import WEIGHTS_NAME
 from molora.model import MoLoRAModel, get_molora_model
 from molora.run_config import RunConfig
+from molora.tensor_files import load_tensors
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -78,12 +80,13 @@ def build_model(base: nn.Module, config: RunConfig) -> nn.Module:
 
 
 def load_adapter_weights(model: nn.Module, directory: Path) -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(str(directory / WEIGHTS_NAME))
+    """A checkpoint's adapter into the run's model, through the same checks as any adapter from elsewhere."""
     if isinstance(model, MoLoRAModel):
-        model.load_adapter_state_dict(state)
+        read_adapter_config(directory)  # its format and checksum
+        model.load_adapter_state_dict(read_adapter_tensors(directory, model.adapter_state_dict(), strict=True))
     else:
         from peft import set_peft_model_state_dict
 
+        trainable = sum(1 for p in model.parameters() if p.requires_grad)
+        _, state = load_tensors(directory / WEIGHTS_NAME, max_entries=trainable + 16)
         set_peft_model_state_dict(model, state)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from molora.base_models import load_base
-from molora.checkpoint import NonFiniteError, RunLock, check_finite, checkpoint_folders, rng_state, save_checkpoint
+from molora.checkpoint import NonFiniteError, RunLock, check_finite, checkpoint_folders, save_checkpoint
 from molora.data import MultiDomainData
 from molora.evaluation import CollapseAlarm, evaluate, peak_memory_mb, to_device, write_summary
 from molora.inspect import RoutingRecorder, health_summary, write_report
@@ -31,6 +31,7 @@ from molora.reporting import Reporter, check_reporters
 from molora.resume import Progress, open_run_folder, resume_from_checkpoint
 from molora.run_config import RunConfig
 from molora.run_setup import build_model, lr_factor, make_optimizer, setup_distributed
+from molora.trainer_state import rng_state
 from molora.utils import atomic_write
 
 

@@ -156,6 +156,7 @@ def test_save_and_load_rebuild_the_same_counts_and_a_changed_preset_is_refused(t
 
     edited = json.loads((tmp_path / "molora_config.json").read_text())
     edited["num_experts"]["preset"] = "increasing"
+    del edited["sha256"]  # edited on purpose
     (tmp_path / "molora_config.json").write_text(json.dumps(edited))
     with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_proj\.experts\.lora_A: checkpoint \[5, 4, 32\]"):
         MoLoRAModel.from_pretrained(build_base("llama", num_hidden_layers=4), tmp_path)

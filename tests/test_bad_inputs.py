@@ -22,6 +22,7 @@ from molora.context import RoutingContext, routing_context
 from molora.data import DataConfig, load_records, read_user_files, tokenize_split
 from molora.layer import MoLoRALinear
 from molora.model import MoLoRAModel
+from tests.adapter_files import resign
 from tests.conftest import TARGETS, build_base, cache_kwarg, make_batch, molora_config, outputs_of, randomize_experts
 from tests.tiny import save_tiny_model, tiny_run_config, write_toy_domains
 
@@ -42,6 +43,7 @@ def adapter_snapshot(model: MoLoRAModel) -> dict[str, torch.Tensor]:
 def edit_config(path: Path, **changes) -> None:
     config = json.loads((path / "molora_config.json").read_text())
     config.update(changes)
+    config.pop("sha256", None)  # edited on purpose: the checksum would refuse it before anything else is checked
     (path / "molora_config.json").write_text(json.dumps(config))
 
 
@@ -210,13 +212,14 @@ def test_a_clean_load_reports_nothing(tmp_path):
 def test_a_weights_file_that_is_not_safetensors_is_a_value_error(tmp_path):
     saved_adapter(tmp_path)
     (tmp_path / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match=r"adapter_model\.safetensors is not a readable safetensors file"):
+    with pytest.raises(ValueError, match="their sha256 differs"):
+        MoLoRAModel.from_pretrained(build_base("llama"), tmp_path)
+    resign(tmp_path)  # the checksum recomputed: the header check behind it refuses the file
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: its header claims \d+ bytes, the file has 22"):
         MoLoRAModel.from_pretrained(build_base("llama"), tmp_path)
 
 
-@pytest.mark.parametrize(
-    ("content", "message"), [("{not json", "is not a valid MoLoRA config"), ("[1, 2]", "JSON object")]
-)
+@pytest.mark.parametrize(("content", "message"), [("{not json", "is not valid JSON"), ("[1, 2]", "JSON object")])
 def test_a_malformed_config_file_is_a_value_error_naming_it(tmp_path, content, message):
     saved_adapter(tmp_path)
     (tmp_path / "molora_config.json").write_text(content)

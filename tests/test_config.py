@@ -1,5 +1,4 @@
 import json
-import warnings
 
 import pytest
 
@@ -99,12 +98,9 @@ def test_saved_patterns_keep_their_order(tmp_path):
     assert resorted.experts_for(name) == 4
 
 
-def test_unknown_keys_warn_once():
-    data = MoLoRAConfig().to_dict() | {"lora_magic_unknown": 1}
-    with pytest.warns(UserWarning, match="lora_magic_unknown"):
-        MoLoRAConfig.from_dict(data)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+def test_an_unknown_key_is_an_error_naming_it_and_the_closest_field():
+    data = MoLoRAConfig().to_dict() | {"num_expert": 4}
+    with pytest.raises(ValueError, match="unknown key 'num_expert'; did you mean 'num_experts'"):
         MoLoRAConfig.from_dict(data)
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from molora import MoLoRAModel, get_molora_model
 from molora.merging import merged_delta
 from molora.quantize import dequantize_tensor, quantize_adapters, quantize_tensor
+from tests.adapter_files import resign
 from tests.conftest import build_base, make_batch, molora_config, outputs_of
 
 # Relative errors (Frobenius) that int8 factors stay within: of each module's update B @ A (about 1 % for Gaussian
@@ -111,6 +112,7 @@ def test_the_output_bound_catches_a_corrupted_value(tmp_path):
     state[key].mul_(-1)
     model.save_pretrained(tmp_path / "int8", bits=8)
     save_file(state, str(tmp_path / "int8" / "adapter_model.safetensors"))
+    resign(tmp_path / "int8")
     loaded = MoLoRAModel.from_pretrained(build_base("llama"), tmp_path / "int8")
     _, loaded_delta = contribution(loaded, batch)
     assert relative(loaded_delta, delta) > OUTPUT_BOUND
@@ -126,6 +128,7 @@ def test_bad_bits_and_broken_files_are_clear_errors(tmp_path):
     key = next(k for k in state if k.endswith(".scale"))
     del state[key]
     save_file(state, str(tmp_path / "int8" / "adapter_model.safetensors"))
+    resign(tmp_path / "int8")
     with pytest.raises(ValueError, match=r"needs int8 values and a .*\.scale tensor"):
         MoLoRAModel.from_pretrained(build_base("llama"), tmp_path / "int8")
 

@@ -235,9 +235,9 @@ def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_newest_good_
 def test_resume_with_no_usable_checkpoint_says_why(spec, tmp_path):
     run = tmp_path / "run"
     for folder in _two_checkpoints(spec, run):
-        (folder / "trainer_state.pt").write_bytes(b"")
-    with pytest.raises(CheckpointError, match=r"no usable checkpoint .*step-000008: .*trainer_state.pt"):
-        latest_good_checkpoint(run)
+        (folder / "trainer_state.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint .*step-000008: .*trainer_state.safetensors"):
+        latest_good_checkpoint(run, max_tensors=100)
 
 
 def test_every_checkpoint_file_is_in_its_manifest(spec, tmp_path):
@@ -245,7 +245,8 @@ def test_every_checkpoint_file_is_in_its_manifest(spec, tmp_path):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["step"] == 8
     assert set(manifest["files"]) == {p.name for p in folder.iterdir()} - {"manifest.json"}
-    assert {"adapter_model.safetensors", "molora_config.json", "trainer_state.pt"} <= set(manifest["files"])
+    names = {"adapter_model.safetensors", "molora_config.json", "trainer_state.safetensors", "trainer_state.json"}
+    assert set(manifest["files"]) == names
 
 
 # One writer per run folder -------------------------------------------------------------------------------------------
