@@ -67,7 +67,7 @@ def update_errors(model: MoLoRAModel) -> dict[str, float]:
             if experts.lora_A.dim() == 3
             else experts.lora_A.float().expand(experts.num_experts, -1, -1)
         )
-        b = experts.lora_B.float()
+        b = experts.lora_B.float().transpose(1, 2)  # [E, d_out, r]: B as PEFT stores it
         qa = dequantize_tensor(*quantize_tensor(a, -1))
         exact = b @ a
         for label, axis in (("per rank component (the file)", -2), ("per output channel of B", -1)):

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from molora.config import CONFIG_NAME, WEIGHTS_NAME, MoLoRAConfig, read_config_file
-from molora.file_formats import canonical_json, sha256_file
-from molora.quantize import QUANTIZATION_FORMAT, QUANTIZED_SUFFIX, dequantize_state_dict, is_quantized
+from molora.file_formats import ADAPTER_FORMAT, FORMAT_KEY, canonical_json, sha256_file
+from molora.quantize import QUANTIZATION_FORMAT, QUANTIZED_SUFFIX, SCALE_SUFFIX, dequantize_state_dict, is_quantized
 from molora.tensor_files import FLOATING, check_finite_values, load_tensors
 from molora.utils import atomic_write
 
@@ -96,8 +96,8 @@ def write_adapter_files(directory: Path, state: dict[str, torch.Tensor], config:
     )
 
 
-def read_adapter_config(directory: Path) -> MoLoRAConfig:
-    """The config of an adapter folder, its format and its checksum checked (molora.config.read_config_file)."""
+def read_adapter_config(directory: Path) -> tuple[MoLoRAConfig, int]:
+    """The config of an adapter folder and its format version, the checksum checked (molora.config.read_config_file)."""
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
@@ -110,19 +110,40 @@ def read_adapter_config(directory: Path) -> MoLoRAConfig:
                 f'from the one {CONFIG_NAME} records); if you edited the config on purpose, delete its "sha256" '
                 "field to load it as it is now"
             )
-    return config
+    return config, data.get(FORMAT_KEY, 1)
 
 
-def read_adapter_tensors(directory: Path, expected: dict[str, torch.Tensor], strict: bool) -> dict[str, torch.Tensor]:
-    """The adapter's tensors, dequantised, after the header checks of molora.tensor_files; `expected` (the model's
-    adapter state) bounds how many tensors the file may list: three per expected one covers int8 files (values and
-    scales) and a strict=False load of a somewhat larger adapter."""
+def _b_as_rows(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Format 2 -> 3: LoRA B from PEFT's [E, d_out, r] to [E, r, d_out] (its int8 values and scales alike)."""
+    suffixes = (".experts.lora_B", ".experts.lora_B" + QUANTIZED_SUFFIX, ".experts.lora_B" + SCALE_SUFFIX)
+    return {k: v.transpose(1, 2).contiguous() if k.endswith(suffixes) and v.dim() == 3 else v for k, v in state.items()}
+
+
+# An adapter's tensors from format v to v + 1, applied in turn up to ADAPTER_FORMAT (molora.file_formats).
+ADAPTER_UPGRADES = {1: lambda state: state, 2: _b_as_rows}
+
+
+def upgrade_tensors(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
+    """Tensors named as the adapter's (any prefix) from format `version`'s layout to the current one: the adapter
+    itself, or what an optimizer keeps per parameter (Adam's moments have the parameter's layout)."""
+    for step in range(version, ADAPTER_FORMAT):
+        state = ADAPTER_UPGRADES[step](state)
+    return state
+
+
+def read_adapter_tensors(
+    directory: Path, expected: dict[str, torch.Tensor], strict: bool, version: int = ADAPTER_FORMAT
+) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in the current format (converted from `version`'s), dequantised, after the header
+    checks of molora.tensor_files; `expected` (the model's adapter state) bounds how many tensors the file may list:
+    three per expected one covers int8 files (values and scales) and a strict=False load of a larger adapter."""
     weights = directory / WEIGHTS_NAME
     header, state = load_tensors(weights, max_entries=3 * len(expected) + 16)
     for name, entry in header.entries.items():
         allowed = ("I8",) if name.endswith(QUANTIZED_SUFFIX) else FLOATING
         if entry.dtype not in allowed:
             raise ValueError(f"{weights}: tensor {name!r} is {entry.dtype}; it must be one of {list(allowed)}")
+    state = upgrade_tensors(state, version)
     if not is_quantized(state):
         return state
     try:

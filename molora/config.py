@@ -407,12 +407,13 @@ class MoLoRAConfig:
 
 # Keys an adapter config holds besides the fields, by format version (molora.file_formats lists the formats).
 _FILE_KEYS = {1: ("molora_version",), 2: ("molora_version", FORMAT_KEY, "sha256")}
+_FILE_KEYS[3] = _FILE_KEYS[2]
 
 
 def read_config_file(path: Path) -> tuple[MoLoRAConfig, dict[str, Any]]:
     """The config in molora_config.json and the file's JSON as written; every problem a ValueError naming the file.
 
-    A newer format is refused; format 1 (no version field) converts as it is: its fields are format 2's.
+    A newer format is refused; the fields of formats 1-3 are the same (what changed is in the weights file).
     """
     data = read_json(path, "molora adapter config")
     version = format_version(data, path, ADAPTER_FORMAT, "molora adapter")

@@ -82,14 +82,14 @@ class Experts(nn.Module):
         return gates
 
     def gated_output_side(self, hard: bool = False) -> torch.Tensor:
-        """The output side with each rank component's gate applied ([E, d_out, r] or [E, d_out]): what the mixture
+        """The output side with each rank component's gate applied ([E, r, d_out] or [E, d_out]): what the mixture
         uses (hard=True: the eval-mode gates whatever the mode). Without rank gates or a schedule, the parameter
         itself (no op)."""
         side = self.output_side
         mask = self.component_mask(hard)
         if mask is None:
             return side
-        shape = (mask.shape[0],) + (1,) * (side.dim() - 2) + (mask.shape[1],)
+        shape = (*mask.shape, *(1,) * (side.dim() - 2)) if side.dim() == 3 else mask.shape
         return side * mask.view(shape).to(side.dtype)
 
     def delta_weight(self, expert: int) -> torch.Tensor:
@@ -111,7 +111,8 @@ class Experts(nn.Module):
 
     @property
     def output_side(self) -> torch.Tensor:
-        """The parameter holding the experts' output sides as stored: [E, d_out, r] (LoRA B) or [E, d_out]."""
+        """The parameter holding the experts' output sides as stored: [E, r, d_out] (LoRA B) or [E, d_out]: rows
+        of the [E*r, d_out] matrix the mixing matmul reads, so stacking them is a view."""
         raise NotImplementedError
 
     def stacked_out(self, hard: bool = False) -> torch.Tensor:
@@ -190,11 +191,16 @@ class Experts(nn.Module):
 
 
 class LoRAExperts(Experts):
-    """E LoRA experts of rank r: A [E, r, d_in] (kaiming-uniform), B [E, d_out, r] (zero unless random init)."""
+    """E LoRA experts of rank r: A [E, r, d_in] (kaiming-uniform), B [E, r, d_out] (zero unless random init).
+
+    B is each expert's PEFT lora_B ([d_out, r]) transposed: its r rows are the rows the mixing matmul reads, so the
+    forward and backward use the parameter as it is (adapter format 3; files of formats 1-2 stored [E, d_out, r] and
+    are converted on load, molora.adapter_load).
+    """
 
     expert_type = "lora"
     can_share_input_side = True
-    feature_axes = {"lora_A": -1, "lora_B": -2}  # A [E, r, d_in] (or [r, d_in] shared), B [E, d_out, r]
+    feature_axes = {"lora_A": -1, "lora_B": -1}  # A [E, r, d_in] (or [r, d_in] shared), B [E, r, d_out]
 
     def __init__(
         self,
@@ -212,7 +218,7 @@ class LoRAExperts(Experts):
         self.lora_A = nn.Parameter(
             torch.empty(*self.input_side_shape(num_experts, rank, in_features), dtype=dtype, device=device)
         )
-        self.lora_B = nn.Parameter(torch.empty(num_experts, out_features, rank, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, rank, out_features, dtype=dtype, device=device))
         self.reset_parameters(init_zero)
 
     @staticmethod
@@ -243,11 +249,11 @@ class LoRAExperts(Experts):
         return self.lora_B
 
     def delta_weight(self, expert: int) -> torch.Tensor:
-        return self.gated_output_side()[expert] @ self.lora_A[expert]
+        return self.gated_output_side()[expert].T @ self.lora_A[expert]
 
 
 class SharedALoRAExperts(LoRAExperts):
-    """HydraLoRA: one input side A [r, d_in] shared by the experts, an output side B [E, d_out, r] each.
+    """HydraLoRA: one input side A [r, d_in] shared by the experts, an output side B [E, r, d_out] each.
 
     The input matmul computes A x once ([N, r], with any router rows) and the E*r intermediate repeats it, so every
     path of LoRAExperts after it (gating, output side, merging) applies unchanged; A's gradient is the sum over the
@@ -268,7 +274,7 @@ class SharedALoRAExperts(LoRAExperts):
         return narrow.repeat(1, self.num_experts), rest
 
     def delta_weight(self, expert: int) -> torch.Tensor:
-        return self.gated_output_side()[expert] @ self.lora_A
+        return self.gated_output_side()[expert].T @ self.lora_A
 
 
 class Rank1Experts(Experts):

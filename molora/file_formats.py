@@ -5,7 +5,8 @@ key by key, so a file from elsewhere is read as data and never as instructions.
 Format history (the version is separate from the package version; bump it whenever what a file holds changes):
 - adapter (molora_config.json + adapter_model.safetensors):
   1. no `format_version` field (molora 0.1.0 up to ce47ab3);
-  2. `format_version` and `sha256` (of the weights file and the config's other fields).
+  2. `format_version` and `sha256` (of the weights file and the config's other fields);
+  3. LoRA B stored `[E, r, d_out]` (the rows the mixing matmul reads) instead of PEFT's `[E, d_out, r]`.
 - checkpoint (checkpoints/step-N/, its manifest.json):
   1. no `format_version`; the trainer state a pickle, trainer_state.pt (read with weights_only=True only);
   2. `format_version`; the trainer state as trainer_state.safetensors + trainer_state.json.
@@ -22,7 +23,7 @@ from typing import Any
 
 from molora.version import __version__
 
-ADAPTER_FORMAT = 2
+ADAPTER_FORMAT = 3
 CHECKPOINT_FORMAT = 2
 FORMAT_KEY = "format_version"
 JSON_LIMIT_BYTES = 4 << 20  # a config for thousands of modules is well under 1 MiB

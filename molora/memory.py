@@ -11,17 +11,13 @@ import torch
 
 
 def stack_rows(output_side: torch.Tensor) -> torch.Tensor:
-    """[E, d_out, r] -> [E*r, d_out] (a copy of E*r*d_out numbers, small next to the activations); [E, d_out] stays."""
-    if output_side.dim() == 2:
-        return output_side
-    return output_side.transpose(1, 2).reshape(-1, output_side.shape[1])
+    """[E, r, d_out] (or [E, d_out]) as the [E*r, d_out] rows the mixing matmul reads: a view, no copy."""
+    return output_side.reshape(-1, output_side.shape[-1])
 
 
 def unstack_rows(stacked: torch.Tensor, output_side: torch.Tensor) -> torch.Tensor:
-    """The inverse of stack_rows: [E*r, d_out] back to output_side's layout (for its gradient)."""
-    if output_side.dim() == 2:
-        return stacked
-    return stacked.view(output_side.shape[0], -1, stacked.shape[1]).transpose(1, 2).reshape(output_side.shape)
+    """The inverse of stack_rows: [E*r, d_out] back to output_side's shape (for its gradient), a view."""
+    return stacked.view(output_side.shape)
 
 
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -368,10 +368,10 @@ class MoLoRAModel(nn.Module):
         loading fails, `model` is given back as it was (the injected layers are taken out again).
         """
         directory = adapter_folder(path, ADAPTER_FILES, **hub)
-        config = read_adapter_config(directory)
+        config, version = read_adapter_config(directory)
         molora = cls(model, config, verbose=verbose)
         try:
-            state = read_adapter_tensors(directory, molora.adapter_state_dict(), strict)
+            state = read_adapter_tensors(directory, molora.adapter_state_dict(), strict, version)
         except ValueError:
             molora.unload()
             raise

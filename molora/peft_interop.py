@@ -361,7 +361,7 @@ def _copy_adapters(model: MoLoRAModel, adapters: list[PeftAdapter], plans: dict[
             input_side, output_side = adapter.factors[module]
             rank = input_side.shape[0]
             experts.lora_A[index, :rank].copy_(input_side)
-            experts.lora_B[index, :, :rank].copy_(output_side * factor if factor != 1.0 else output_side)
+            experts.lora_B[index, :rank].copy_((output_side * factor if factor != 1.0 else output_side).T)
 
 
 def _set_trainable(model: MoLoRAModel, trainable: str) -> None:

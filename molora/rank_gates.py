@@ -85,15 +85,15 @@ def _prune_layer(name: str, layer: nn.Module) -> int:
         keep = mask.any(0)  # a row of A stays if any expert keeps it; the others zero it in their B
         rank = max(int(keep.sum()), 1)
         rows = _kept_order(keep.unsqueeze(0))[0, :rank]
-        output_side = experts.lora_B * mask.unsqueeze(1).to(experts.lora_B.dtype)
-        new_a, new_b = experts.lora_A[rows].clone(), output_side[:, :, rows].clone()
+        output_side = experts.lora_B * mask.unsqueeze(-1).to(experts.lora_B.dtype)
+        new_a, new_b = experts.lora_A[rows].clone(), output_side[:, rows].clone()
     else:
         rank = max(int(mask.sum(1).max()), 1)
         order = _kept_order(mask)[:, :rank]  # [E, rank]
         kept = torch.gather(mask, 1, order).to(experts.lora_B.dtype)  # 0 where an expert keeps fewer than rank
         new_a = torch.gather(experts.lora_A, 1, order.unsqueeze(-1).expand(-1, -1, experts.in_features)).clone()
-        new_b = torch.gather(experts.lora_B, 2, order.unsqueeze(1).expand(-1, experts.out_features, -1))
-        new_b = (new_b * kept.unsqueeze(1)).clone()
+        new_b = torch.gather(experts.lora_B, 1, order.unsqueeze(-1).expand(-1, -1, experts.out_features))
+        new_b = (new_b * kept.unsqueeze(-1)).clone()
     experts.lora_A = nn.Parameter(new_a, requires_grad=experts.lora_A.requires_grad)
     experts.lora_B = nn.Parameter(new_b, requires_grad=experts.lora_B.requires_grad)
     experts.rank = rank

@@ -10,8 +10,10 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 import yaml
 
+from molora.adapter_load import upgrade_tensors
 from molora.checkpoint import (
     RESUMABLE_CHANGES,
     CheckpointError,
@@ -58,15 +60,33 @@ def resume_from_checkpoint(run: Run) -> Progress:
                 f"--resume: the config differs from the checkpoint's ({point.folder.name}) in {changes}; only "
                 f"{', '.join(RESUMABLE_CHANGES)} may change when resuming"
             )
-    load_adapter_weights(run.model, point.folder)
+    version = load_adapter_weights(run.model, point.folder)
     try:
-        run.optimizer.load_state_dict(point.state["optimizer"])
+        run.optimizer.load_state_dict(_moments_in_current_layout(run, point.state["optimizer"], version))
         run.scheduler.load_state_dict(point.state["scheduler"])
         set_rng_state(point.state["rng"])
     except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as err:
         raise CheckpointError(f"--resume: {point.folder}'s trainer state does not fit this run ({err})") from None
     run.say(f"resume: continuing from {point.folder.name}")
     return Progress(point.state["step"], point.state["eval_before"], point.state.get("bad_steps", 0))
+
+
+def _moments_in_current_layout(run: Run, saved: dict[str, Any], version: int | None) -> dict[str, Any]:
+    """The optimizer's per-parameter tensors converted as the adapter's were (a checkpoint of adapter format 2 keeps
+    Adam's moments of LoRA B in [E, d_out, r], like B itself)."""
+    if version is None:
+        return saved
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    names = {id(p): name for name, p in run.model.named_parameters()}
+    state = saved["state"]
+    owned = {index: names[id(params[index])] for index in state if 0 <= index < len(params)}
+    kinds = {key for index in owned for key, value in state[index].items() if torch.is_tensor(value) and value.dim()}
+    for kind in kinds:
+        by_name = upgrade_tensors({owned[i]: state[i][kind] for i in owned if kind in state[i]}, version)
+        for index in owned:
+            if kind in state[index]:
+                state[index][kind] = by_name[owned[index]]
+    return saved
 
 
 def open_run_folder(run: Run, start_step: int) -> None:

@@ -79,14 +79,17 @@ def build_model(base: nn.Module, config: RunConfig) -> nn.Module:
     return get_molora_model(base, config.molora)
 
 
-def load_adapter_weights(model: nn.Module, directory: Path) -> None:
-    """A checkpoint's adapter into the run's model, through the same checks as any adapter from elsewhere."""
+def load_adapter_weights(model: nn.Module, directory: Path) -> int | None:
+    """A checkpoint's adapter into the run's model, through the same checks as any adapter from elsewhere; its
+    format version (None for a PEFT baseline's adapter)."""
     if isinstance(model, MoLoRAModel):
-        read_adapter_config(directory)  # its format and checksum
-        model.load_adapter_state_dict(read_adapter_tensors(directory, model.adapter_state_dict(), strict=True))
+        version = read_adapter_config(directory)[1]  # its format and checksum checked
+        model.load_adapter_state_dict(read_adapter_tensors(directory, model.adapter_state_dict(), True, version))
+        return version
     else:
         from peft import set_peft_model_state_dict
 
         trainable = sum(1 for p in model.parameters() if p.requires_grad)
         _, state = load_tensors(directory / WEIGHTS_NAME, max_entries=trainable + 16)
         set_peft_model_state_dict(model, state)
+        return None

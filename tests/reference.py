@@ -11,7 +11,7 @@ def loop_delta(experts: Experts, x: torch.Tensor, gates: torch.Tensor) -> torch.
     out = torch.zeros(x.shape[0], experts.out_features, dtype=x.dtype)
     for e in range(experts.num_experts):
         if isinstance(experts, LoRAExperts):
-            expert_out = (x @ experts.lora_A[e].T) @ experts.lora_B[e].T
+            expert_out = (x @ experts.lora_A[e].T) @ experts.lora_B[e]
         elif isinstance(experts, Rank1Experts):
             expert_out = (x @ experts.u[e]).unsqueeze(-1) * experts.v[e]
         else:

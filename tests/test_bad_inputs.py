@@ -75,7 +75,7 @@ def test_adapter_of_another_hidden_size_names_every_module_and_both_shapes(tmp_p
         a, b = old[name], new[name]
         shapes = {
             "experts.lora_A": ([4, 4, a.in_features], [4, 4, b.in_features]),
-            "experts.lora_B": ([4, a.out_features, 4], [4, b.out_features, 4]),
+            "experts.lora_B": ([4, 4, a.out_features], [4, 4, b.out_features]),
             "router.gate.weight": ([4, a.in_features], [4, b.in_features]),
         }
         for tensor, (checkpoint, mine) in shapes.items():
@@ -98,7 +98,7 @@ def test_adapter_of_another_hidden_size_names_every_module_and_both_shapes(tmp_p
             {"rank": 2},
             [
                 "model.layers.0.self_attn.q_proj.experts.lora_A: checkpoint [4, 4, 32] vs model [4, 2, 32]",
-                "model.layers.0.self_attn.v_proj.experts.lora_B: checkpoint [4, 16, 4] vs model [4, 16, 2]",
+                "model.layers.0.self_attn.v_proj.experts.lora_B: checkpoint [4, 4, 16] vs model [4, 2, 16]",
             ],
         ),
         (

@@ -74,7 +74,7 @@ def test_blog_loop_computes_the_same_mixture_as_molora():
         blog.gate.weight.copy_(mo.router.gate.weight)
         for e in range(3):
             blog.experts_A[e].weight.copy_(mo.experts.lora_A[e])
-            blog.experts_B[e].weight.copy_(mo.experts.lora_B[e])
+            blog.experts_B[e].weight.copy_(mo.experts.lora_B[e].T)
     x = torch.randn(2, 5, 12)
     expected = molora(x)
     torch.testing.assert_close(blog(x), expected, atol=1e-5, rtol=1e-5)

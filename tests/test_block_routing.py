@@ -141,7 +141,7 @@ def test_mixlora_layout_plain_lora_on_attention_beside_routed_ffn_experts():
     with routing_context(RoutingContext()), torch.no_grad():
         for layer in (attention.q_proj, attention.v_proj):  # one expert, gate 1: a plain LoRA
             experts = layer.experts
-            plain = layer.base_layer(x) + layer.scaling * (x @ experts.lora_A[0].T) @ experts.lora_B[0].T
+            plain = layer.base_layer(x) + layer.scaling * (x @ experts.lora_A[0].T) @ experts.lora_B[0]
             assert torch.allclose(layer(x), plain, atol=1e-5)
     with pytest.raises(ValueError, match="top_k=5 is larger than num_experts=4"):
         MoLoRAConfig(**{**options, "top_k": 5})

@@ -22,6 +22,7 @@ from tests.adapter_files import resign
 from tests.tiny import save_tiny_model, tiny_run_config, write_toy_domains
 
 FORMAT1 = Path(__file__).parent / "data" / "format1"
+FORMAT2 = Path(__file__).parent / "data" / "format2"
 STEPS = 4
 
 
@@ -98,6 +99,29 @@ def test_a_format1_adapter_config_may_not_hold_format2_keys(workdir, tmp_path):
     (folder / "molora_config.json").write_text(json.dumps({**config, "sha256": "0" * 64}))
     with pytest.raises(ValueError, match=r"molora_config\.json: unknown key 'sha256'"):
         MoLoRAModel.from_pretrained(AutoModelForCausalLM.from_pretrained("model"), folder)
+
+
+@pytest.mark.parametrize("name", ["adapter", "adapter-int8"])
+def test_format2_adapters_convert_lora_b_and_give_the_logits_the_old_code_gave(workdir, name):
+    """Format 2 stored LoRA B as [E, d_out, r]; format 3 as [E, r, d_out]. The old code's logits are the reference."""
+    reference = load_file(str(FORMAT2 / "logits.safetensors"))
+    stored = load_file(str(FORMAT2 / name / "adapter_model.safetensors"))
+    key = next(k for k in stored if k.endswith("experts.lora_B") or k.endswith("experts.lora_B.int8"))
+    model = MoLoRAModel.from_pretrained(AutoModelForCausalLM.from_pretrained("model"), FORMAT2 / name)
+    loaded_b = model.adapter_state_dict()[key.removesuffix(".int8")]
+    assert loaded_b.shape == stored[key].transpose(1, 2).shape != stored[key].shape
+    with torch.no_grad():
+        logits = model(input_ids=reference["input_ids"]).logits
+    torch.testing.assert_close(logits, reference[name], rtol=0, atol=1e-6)
+
+
+def test_the_conversion_test_can_fail_without_the_conversion(workdir, monkeypatch):
+    """Without the format 2 -> 3 step, B's stored shape is refused (or, square, computes another function)."""
+    import molora.adapter_load
+
+    monkeypatch.setitem(molora.adapter_load.ADAPTER_UPGRADES, 2, lambda state: state)
+    with pytest.raises(ValueError, match=r"lora_B: checkpoint \[4, \d+, 4\] vs model \[4, 4, \d+\]"):
+        MoLoRAModel.from_pretrained(AutoModelForCausalLM.from_pretrained("model"), FORMAT2 / "adapter")
 
 
 # Newer formats and unknown keys --------------------------------------------------------------------------------------

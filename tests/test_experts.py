@@ -47,7 +47,7 @@ def test_delta_weight_is_the_expert_as_a_matrix(kind):
 
 def test_shapes_and_adapter_rank():
     lora = build_experts("lora", 12, 10, 5, 3, init_zero=True)
-    assert lora.lora_A.shape == (5, 3, 12) and lora.lora_B.shape == (5, 10, 3) and lora.adapter_rank == 3
+    assert lora.lora_A.shape == (5, 3, 12) and lora.lora_B.shape == (5, 3, 10) and lora.adapter_rank == 3
     rank1 = build_experts("rank1", 12, 10, 5, 3, init_zero=True)
     assert rank1.u.shape == (5, 12) and rank1.v.shape == (5, 10) and rank1.adapter_rank == 5
     with pytest.raises(ValueError, match="expert_type"):
@@ -89,7 +89,7 @@ def test_gated_mix_backward_passes_gradcheck_and_gradgradcheck(output_dims, per_
     wide = rand(batch * length, experts * rank + experts)
     hidden = wide[:, : experts * rank].requires_grad_()
     gates = rand(batch, 1 if per_sequence else length, experts).softmax(-1).requires_grad_()
-    shape = (experts, d_out, rank) if output_dims == 3 else (experts, d_out)
+    shape = (experts, rank, d_out) if output_dims == 3 else (experts, d_out)
     output_side = rand(*shape).requires_grad_()
     base = rand(batch * length, d_out).requires_grad_()
 
@@ -120,7 +120,7 @@ def test_gradcheck_at_these_tolerances_catches_a_gradient_off_by_one_part_in_a_m
     generator = torch.Generator().manual_seed(7)
     hidden = torch.randn(6, 6, generator=generator, dtype=torch.float64, requires_grad=True)
     gates = torch.randn(2, 3, 3, generator=generator, dtype=torch.float64).softmax(-1).requires_grad_()
-    output_side = torch.randn(3, 4, 2, generator=generator, dtype=torch.float64, requires_grad=True)
+    output_side = torch.randn(3, 2, 4, generator=generator, dtype=torch.float64, requires_grad=True)
     inputs = (hidden, gates, output_side, None, False, 0.7)
     assert torch.autograd.gradcheck(GatedMix.apply, inputs, **GRADCHECK_TOLERANCES)
     with pytest.raises(GradcheckError):

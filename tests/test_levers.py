@@ -35,7 +35,7 @@ def reference_output(layer, x, mask, task_ids, prompt_mask, multiplier: float, s
     for e in range(weights.shape[-1] + shared):
         a = experts.lora_A if isinstance(experts, SharedALoRAExperts) else experts.lora_A[e]
         gate = weights[..., e : e + 1] * multiplier if e < weights.shape[-1] else 1.0
-        out = out + layer.scaling * gate * ((x @ a.T) @ experts.lora_B[e].T)
+        out = out + layer.scaling * gate * ((x @ a.T) @ experts.lora_B[e])
     return out
 
 
@@ -175,6 +175,7 @@ def test_global_batch_balance_uses_the_routed_fraction_of_the_whole_window(route
         routes = _routes(model)
         terms = model.aux_loss_terms(per_layer=True)
         seen.append({n: (r, int(r[1].sum())) for n, r in routes.items()})
+        apart = []  # per layer: how far the micro-batch alone is from the window's value
         for name, ((route, mask), _) in seen[-1].items():
             recent = seen[-window:]
             total = sum(entry[name][1] for entry in recent)
@@ -186,9 +187,10 @@ def test_global_batch_balance_uses_the_routed_fraction_of_the_whole_window(route
             mean_probs = (route.probs * mask.unsqueeze(-1)).sum((0, 1)) / mask.sum()
             expected = 4 * (fraction * mean_probs).sum()
             assert terms[name]["balance"].item() == pytest.approx(expected.item(), rel=1e-5)
-            if step > 0:  # the can-fail side: the micro-batch alone gives another number
-                alone = AUX_LOSSES["balance"](RouterOutput(route.logits, route.probs, route.gates, route.indices), mask)
-                assert abs(alone.item() - expected.item()) > 1e-4
+            alone = AUX_LOSSES["balance"](RouterOutput(route.logits, route.probs, route.gates, route.indices), mask)
+            apart.append(abs(alone.item() - expected.item()))
+        if step > 0:  # the can-fail side: the micro-batch alone gives another number (in some layer, by chance close)
+            assert max(apart) > 1e-3
     model.eval()
     model(**make_batch(seed=9))
     assert len(model._balance_window.history[next(iter(seen[-1]))]) == window - 1  # evaluation adds nothing

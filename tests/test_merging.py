@@ -92,7 +92,7 @@ def hand_delta(layer: MoLoRALinear, gates: torch.Tensor, scaling: float, multipl
             product = torch.outer(experts.v[e].double(), experts.u[e].double())
         else:
             a = experts.lora_A if experts.lora_A.dim() == 2 else experts.lora_A[e]
-            product = experts.lora_B[e].double() @ a.double()
+            product = experts.lora_B[e].double().T @ a.double()
         total += weight * product
     return scaling * total
 

@@ -56,7 +56,7 @@ def _copy_into_peft(ours: MoLoRAModel, peft_model) -> None:
             target = modules[f"base_model.model.{name}"]
             experts = layer.experts
             if experts.expert_type == "lora":
-                a, b = experts.lora_A[0], experts.lora_B[0]
+                a, b = experts.lora_A[0], experts.lora_B[0].T
             else:
                 a, b = experts.u[0].unsqueeze(0), experts.v[0].unsqueeze(1)
             target.lora_A["default"].weight.copy_(a)

@@ -46,7 +46,7 @@ def zeroed_reference(model: MoLoRAModel, masks: dict[str, torch.Tensor]) -> MoLo
     reference.load_adapter_state_dict(state)
     with torch.no_grad():
         for name, layer in reference._layers:
-            layer.experts.lora_B.mul_(masks[name].unsqueeze(1).float())
+            layer.experts.lora_B.mul_(masks[name].unsqueeze(-1).float())
     return reference.eval()
 
 
@@ -173,7 +173,7 @@ def test_the_rank_schedule_masks_the_last_components(fraction, expected):
         masked = outputs_of(model(**batch))
         set_active_fraction(model, None)
         for _, layer in model._layers:
-            layer.experts.lora_B[:, :, expected:] = 0
+            layer.experts.lora_B[:, expected:] = 0
         assert (outputs_of(model(**batch)) - masked).abs().max() < 1e-6
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
         set_active_fraction(model, 0)

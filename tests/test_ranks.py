@@ -170,7 +170,7 @@ def single_expert_model(values: list[float], seed: int = 0):
         u, s, vh = torch.linalg.svd(factors)
         with torch.no_grad():
             layer.experts.lora_A.copy_(vh[:4].unsqueeze(0))
-            layer.experts.lora_B.copy_((u[:, :4] * s[:4] / layer.scaling).unsqueeze(0))
+            layer.experts.lora_B.copy_((u[:, :4] * s[:4] / layer.scaling).T.unsqueeze(0))
     return model
 
 
