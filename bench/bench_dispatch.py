@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from molora.experts import LoRAExperts
-from molora.routers import select_experts
+from molora.core.experts import LoRAExperts
+from molora.core.routers import select_experts
 from molora.utils import atomic_write_text
 
 

@@ -99,7 +99,7 @@ def load_base(model_name: str) -> torch.nn.Module:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         return LlamaForCausalLM(LlamaConfig(**config))
-    from molora.base_models import load_base as load_named
+    from molora.run.base_models import load_base as load_named
 
     return load_named(model_name)[0]
 

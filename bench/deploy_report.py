@@ -21,12 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from molora import MoLoRAModel
-from molora.base_models import load_base
-from molora.data import MultiDomainData
-from molora.evaluation import evaluate, to_device
-from molora.patcher import molora_layers
-from molora.quantize import dequantize_tensor, quantize_tensor
-from molora.run_config import RunConfig, load_run_config
+from molora.core.patcher import molora_layers
+from molora.deploy.quantize import dequantize_tensor, quantize_tensor
+from molora.run.base_models import load_base
+from molora.run.config import RunConfig, load_run_config
+from molora.run.data import MultiDomainData
+from molora.run.evaluation import evaluate, to_device
 from molora.utils import atomic_write_text
 
 
@@ -79,8 +79,8 @@ def update_errors(model: MoLoRAModel) -> dict[str, float]:
 
 def prune_lines(model: MoLoRAModel, data: MultiDomainData, config: RunConfig, gated_loss: float) -> list[str]:
     """prune_ranks on the run's adapter: parameters and eval loss before (hard gates) and after."""
-    from molora.rank_gates import effective_ranks, prune_ranks
-    from molora.rank_report import module_type
+    from molora.analysis.rank_report import module_type
+    from molora.core.rank_gates import effective_ranks, prune_ranks
 
     ranks = effective_ranks(model)
     trained = {name: layer.experts.rows_per_expert for name, layer in molora_layers(model.base_model)}

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from molora.losses import _logsumexp
-from molora.routers import softmax
+from molora.core.losses import _logsumexp
+from molora.core.routers import softmax
 
 NUM_EXPERTS, RANK = 8, 8
 

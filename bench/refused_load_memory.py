@@ -65,7 +65,7 @@ def write_padded_adapter(good: Path, folder: Path, entries: int) -> Path:
     (folder / WEIGHTS).write_bytes(len(text).to_bytes(8, "little") + text + data)
     config = json.loads((folder / "molora_config.json").read_text())
     if "sha256" in config:
-        from molora.adapter_load import adapter_file_digest
+        from molora.deploy.adapter_files import adapter_file_digest
 
         del config["sha256"]
         config["sha256"] = adapter_file_digest(folder / WEIGHTS, config)

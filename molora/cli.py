@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from molora.run_config import load_run_config
+from molora.run.config import load_run_config
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -26,8 +26,8 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"molora-train: error: {err}", file=sys.stderr)
         return 2
     run_dir = args.output_dir or Path("runs") / args.config.stem
-    from molora.checkpoint import NonFiniteError
-    from molora.training import train
+    from molora.run.checkpoint import NonFiniteError
+    from molora.run.training import train
 
     try:
         result = train(config, run_dir, resume=args.resume)
@@ -59,13 +59,13 @@ def inspect_main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"{args.run} has no adapter/ (is it a finished molora-train run?)")
         overrides = list(args.overrides)
         if args.data:
-            from molora.data import DataConfig, read_user_files
+            from molora.run.data import DataConfig, read_user_files
 
             files = [str(Path(f)) for f in args.data]
             domains = list(read_user_files(DataConfig(domains=["user"], files=files)))
             overrides += [f"data.files={files}", f"data.domains={domains}"]
         config = load_run_config(args.run / "config.yaml", overrides)
-        from molora.evaluation import inspect_run
+        from molora.run.evaluation import inspect_run
 
         stats = inspect_run(config, args.run, args.output_dir or args.run / "routing")
     except (ValueError, FileNotFoundError) as err:
@@ -99,12 +99,12 @@ def ablate_main(argv: list[str] | None = None) -> int:
         help="train nothing: score the finished runs again with these data settings (tables in reeval-<tag>/)",
     )
     args = parser.parse_args(argv)
-    from molora.ablation import run_ablation
+    from molora.ablation.harness import run_ablation
 
     out = args.output_dir or Path("runs") / ("ablation-quick" if args.quick else "ablation")
     try:
         if args.reevaluate:
-            from molora.reevaluate import reevaluate_ablation, tag_of
+            from molora.ablation.reevaluate import reevaluate_ablation, tag_of
 
             reevaluate_ablation(args.config, out, args.reevaluate, quick=args.quick)
             print((out / f"reeval-{tag_of(args.reevaluate)}" / "ablation.md").read_text())
@@ -135,8 +135,8 @@ def ranks_main(argv: list[str] | None = None) -> int:
         "--output-dir", "--out", dest="output_dir", type=Path, help="default RUN/ranks or runs/ranks-<model>"
     )
     args = parser.parse_args(argv)
-    from molora.rank_report import write_rank_report
-    from molora.ranks import analyze_base, analyze_run
+    from molora.analysis.rank_report import write_rank_report
+    from molora.run.rank_analysis import analyze_base, analyze_run
 
     try:
         if args.run is not None:

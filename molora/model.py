@@ -12,15 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from molora.adapter_load import (
-    AdapterLoadResult,
-    copy_adapter_state,
-    read_adapter_config,
-    read_adapter_tensors,
-    write_adapter_files,
-)
-from molora.config import CONFIG_NAME, WEIGHTS_NAME, MoLoRAConfig
-from molora.context import (
+from molora.core.config import CONFIG_NAME, WEIGHTS_NAME, MoLoRAConfig
+from molora.core.context import (
     MaskCapture,
     RoutingContext,
     checkpoint_context_fn,
@@ -28,15 +21,23 @@ from molora.context import (
     find_cache_length,
     routing_context,
 )
-from molora.hub import adapter_folder, push_adapter
-from molora.inputs import CallShape, check_batch, first_input, prompt_mask_tensor, task_id_tensor
-from molora.inspect import RoutingRecorder
-from molora.layer import MoLoRALinear
-from molora.losses import AUX_LOSSES, BalanceWindow, aux_term_means, expert_term_means, layer_aux_terms
-from molora.merging import merge_fixed_gates, resolve_fixed_gates
-from molora.patcher import InjectionReport, inject, molora_layers, unload
-from molora.quantize import quantize_adapters
-from molora.routers import ROUTERS
+from molora.core.inputs import CallShape, check_batch, first_input, prompt_mask_tensor, task_id_tensor
+from molora.core.layer import MoLoRALinear
+from molora.core.losses import AUX_LOSSES, BalanceWindow, aux_term_means, expert_term_means, layer_aux_terms
+from molora.core.patcher import InjectionReport, inject, molora_layers, unload
+from molora.core.recording import RoutingRecorder
+from molora.core.routers import ROUTERS
+from molora.deploy.adapter_files import (
+    AdapterLoadResult,
+    copy_adapter_state,
+    read_adapter_config,
+    read_adapter_tensors,
+    write_adapter_files,
+)
+from molora.deploy.merging import merge_fixed_gates, resolve_fixed_gates
+from molora.deploy.peft_files import load_peft_experts, plan_from_peft
+from molora.deploy.quantize import quantize_adapters
+from molora.files.hub import adapter_folder, push_adapter
 
 ADAPTER_FILES = (WEIGHTS_NAME, CONFIG_NAME)  # the files of an adapter, and all a Hub id downloads
 
@@ -183,7 +184,7 @@ class MoLoRAModel(nn.Module):
     def aux_loss_terms(self, per_layer: bool = False) -> dict[str, Any]:
         """{loss name: mean over layers} of the last forward; per_layer=True gives {layer: {loss name: value}}.
 
-        Penalties on the experts' parameters (molora.losses.EXPERT_LOSSES: rank_sparsity) join the routing losses."""
+        Penalties on the experts' parameters (core.losses.EXPERT_LOSSES: rank_sparsity) join the routing losses."""
         names = tuple(self.molora_config.aux_losses)
         if per_layer:
             terms = {name: dict(terms) for name, terms in self._layer_aux_terms()}
@@ -231,7 +232,7 @@ class MoLoRAModel(nn.Module):
         return total
 
     def record_routing(self, task_ids: Any = None, domains: list[str] | None = None) -> RoutingRecorder:
-        """`with model.record_routing(domains=names) as rec:` records routing per task; see molora.inspect."""
+        """`with model.record_routing(domains=names) as rec:` records routing per task; see molora.core.recording."""
         return RoutingRecorder(self.base_model, task_ids=task_ids, domains=domains)
 
     # Adapters on/off --------------------------------------------------------------------------------------------
@@ -278,10 +279,24 @@ class MoLoRAModel(nn.Module):
 
     @classmethod
     def from_peft_adapters(cls, base: nn.Module, adapters: Sequence[str | Path], **options: Any) -> MoLoRAModel:
-        """One expert per PEFT LoRA adapter folder, with a router over them; see molora.peft_interop."""
-        from molora.peft_interop import from_peft_adapters  # above the model in the dependency order
+        """A MoLoRAModel with one expert per PEFT LoRA adapter (in the order given), routed by `router`.
 
-        return from_peft_adapters(base, adapters, **options)
+        trainable: "router" (X-LoRA: the adapters stay frozen, the router learns to pick them), "all", or "none"
+        (eval mode, nothing trains). An adapter may be a Hub id (`org/name`; revision, cache_dir, token and
+        local_files_only apply to every Hub id given). Other MoLoRAConfig options (top_k, num_tasks, aux_losses,
+        ...) pass through; the ones the adapters decide (targets, ranks, alphas, expert count) cannot.
+        mixture_scaling defaults to "mean", so that gates summing to 1 weigh whole adapters. Everything is read and
+        checked before `base` is touched (molora.deploy.peft_files); if the tensors do not fit the base model,
+        `base` is given back as it was.
+        """
+        plan = plan_from_peft(base, adapters, **options)
+        model = cls(base, plan.config)
+        try:
+            load_peft_experts(model, plan)
+        except ValueError:
+            model.unload()
+            raise
+        return model
 
     # Parameters -------------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -390,7 +405,7 @@ class MoLoRAModel(nn.Module):
         return molora
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> AdapterLoadResult:
-        """Copy checkpoint tensors into the experts and routers (molora.adapter_load.copy_adapter_state)."""
+        """Copy checkpoint tensors into the experts and routers (molora.deploy.adapter_files.copy_adapter_state)."""
         return copy_adapter_state(self.adapter_state_dict(), state, strict)
 
 

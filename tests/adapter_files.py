@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from molora.adapter_load import adapter_file_digest
-from molora.config import CONFIG_NAME, WEIGHTS_NAME
+from molora.core.config import CONFIG_NAME, WEIGHTS_NAME
+from molora.deploy.adapter_files import adapter_file_digest
 
 
 def resign(folder: Path) -> None:

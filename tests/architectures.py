@@ -260,8 +260,8 @@ def write_survey(path: Path) -> None:
         "# Architectures in the grid",
         "",
         f"transformers {transformers.__version__}; written by `python -m tests.architectures {path}`; tested by "
-        "`tests/test_architectures.py` (every type listed here, whatever the release: a type excluded here is one "
-        "whose tiny model fails to build or to run without molora).",
+        "`tests/model/test_architectures.py` (every type listed here, whatever the release: a type excluded here is "
+        "one whose tiny model fails to build or to run without molora).",
         "",
     ]
     for family, rows in found.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from molora.experts import Experts, LoRAExperts, Rank1Experts
+from molora.core.experts import Experts, LoRAExperts, Rank1Experts
 
 
 def loop_delta(experts: Experts, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:

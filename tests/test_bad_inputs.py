@@ -18,10 +18,10 @@ from transformers import LlamaForCausalLM
 
 from molora import get_molora_model
 from molora.cli import train_main
-from molora.context import RoutingContext, routing_context
-from molora.data import DataConfig, load_records, read_user_files, tokenize_split
-from molora.layer import MoLoRALinear
+from molora.core.context import RoutingContext, routing_context
+from molora.core.layer import MoLoRALinear
 from molora.model import MoLoRAModel
+from molora.run.data import DataConfig, load_records, read_user_files, tokenize_split
 from tests.adapter_files import resign
 from tests.conftest import TARGETS, build_base, cache_kwarg, make_batch, molora_config, outputs_of, randomize_experts
 from tests.tiny import save_tiny_model, tiny_run_config, write_toy_domains

@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from molora import MoLoRAModel, get_molora_model
-from molora.losses import AUX_LOSSES, STACKABLE, register_aux_loss
-from molora.routers import ROUTERS, Router, register_router
+from molora.core.losses import AUX_LOSSES, STACKABLE, register_aux_loss
+from molora.core.routers import ROUTERS, Router, register_router
 from tests.conftest import build_base, make_batch, molora_config, randomize_experts
 
 

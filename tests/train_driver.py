@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 import time
 
-import molora.checkpoint
-import molora.training
+import molora.run.checkpoint
+import molora.run.training
 from molora.cli import train_main
 
 
@@ -23,7 +23,7 @@ def pause() -> None:
 def main() -> int:
     mode, step, args = sys.argv[1], int(sys.argv[2]), sys.argv[4:]
     if mode == "after-save":
-        real_save = molora.training.save_checkpoint
+        real_save = molora.run.training.save_checkpoint
 
         def save_then_pause(run_dir, model, save_adapter, state, at_step, keep):
             folder = real_save(run_dir, model, save_adapter, state, at_step, keep)
@@ -31,9 +31,9 @@ def main() -> int:
                 pause()
             return folder
 
-        molora.training.save_checkpoint = save_then_pause
+        molora.run.training.save_checkpoint = save_then_pause
     elif mode == "in-write":
-        real_manifest = molora.checkpoint.write_manifest
+        real_manifest = molora.run.checkpoint.write_manifest
 
         def manifest_then_pause(folder, at_step):
             if at_step == step:
@@ -41,7 +41,7 @@ def main() -> int:
                 pause()
             real_manifest(folder, at_step)
 
-        molora.checkpoint.write_manifest = manifest_then_pause
+        molora.run.checkpoint.write_manifest = manifest_then_pause
     return train_main(args)
 
 

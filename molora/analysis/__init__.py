@@ -1,0 +1,1 @@
+"""Reading what a mixture learned: routing reports, statistics, rank analysis."""

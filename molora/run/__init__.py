@@ -1,0 +1,1 @@
+"""The training run: run config, data, the loop, checkpoints and resume, evaluation, reporting."""

@@ -1,0 +1,1 @@
+"""Tests of bench/: the benchmarks count and time what they say."""

@@ -1,0 +1,1 @@
+"""Tests of molora.deploy: merging, int8 files, peft's format."""

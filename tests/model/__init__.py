@@ -1,0 +1,1 @@
+"""Tests of moloramodel: save/load, decoding, every architecture transformers registers."""

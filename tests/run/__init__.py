@@ -1,0 +1,1 @@
+"""Tests of molora.run: training, resume, checkpoints, data, evaluation, reporting, the cli."""

@@ -1,0 +1,90 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from molora.cli import train_main
+from molora.run.config import RunConfig, apply_overrides, load_run_config
+from tests.tiny import save_tiny_model, tiny_run_config, write_toy_domains
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    spec = tiny_run_config(save_tiny_model(root / "model"), write_toy_domains(root / "toy.jsonl"), steps=3)
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.stpes=3"], "unknown config key 'train.stpes'; did you mean 'train.steps'"),
+        (["molora.rnak=4"], "did you mean 'molora.rank'"),
+        (["data.domains=[nope]"], "unknown domain(s) ['nope']"),
+        (["molora.router=hash"], "router must be one of"),
+        (["train.steps"], "section.key=value"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_writes_nothing(tiny_config, tmp_path, capsys, overrides, message):
+    if overrides == ["data.domains=[nope]"]:
+        overrides = [*overrides, "data.files=[]"]
+    code = train_main(["--config", str(tiny_config), "--output-dir", str(tmp_path / "run"), *overrides])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_and_malformed_config_files(tmp_path, capsys):
+    assert train_main(["--config", str(tmp_path / "nope.yaml"), "--output-dir", str(tmp_path / "run")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    assert train_main(["--config", str(bad), "--output-dir", str(tmp_path / "run")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    section = tmp_path / "section.yaml"
+    section.write_text("trian: {steps: 3}\n")
+    assert train_main(["--config", str(section), "--output-dir", str(tmp_path / "run")]) == 2
+    assert "did you mean 'train'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_runs_and_overrides_apply(tiny_config, tmp_path, capsys):
+    code = train_main(["--config", str(tiny_config), "--output-dir", str(tmp_path / "run"), "molora.router=switch"])
+    assert code == 0
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert resolved["molora"]["router"] == "switch" and resolved["molora"]["top_k"] == 1
+    assert "| upper |" in capsys.readouterr().out
+
+
+def test_task_router_defaults_to_one_task_per_domain(tiny_config):
+    config = load_run_config(tiny_config, ["molora.router=task", "molora.top_k=null"])
+    assert config.molora.num_tasks == 2
+    assert load_run_config(tiny_config, ["train.lr=1e-3"]).train.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
+    assert apply_overrides({}, ["train.steps=7"]) == {"train": {"steps": 7}}
+    assert RunConfig.from_dict({}).model.name == "smollm2-135m"
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(path):
+    if path.name.startswith("ablation"):
+        from molora.ablation.harness import load_ablation
+
+        for quick in (False, True):
+            rows = load_ablation(path, quick).rows
+            assert all(RunConfig.from_dict(spec).train.steps > 0 for row in rows for _, spec in row.variants())
+        return
+    config = load_run_config(path)
+    assert config.train.steps > 0
+
+
+@pytest.mark.parametrize("command", ["molora-train", "molora-inspect", "molora-ablate", "molora-ranks"])
+def test_the_installed_commands_answer_help(command):
+    """The console scripts pyproject declares are installed beside this interpreter (pip install -e .) and run."""
+    script = Path(sys.executable).parent / command
+    assert script.exists(), f"{command} is not installed beside {sys.executable}: pip install -e ."
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]
