@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from molora.run.config import load_run_config
+from molora.run.domains import SUITES
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -93,6 +94,11 @@ def ablate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, each with cores/jobs threads")
     parser.add_argument("--report-only", action="store_true", help="train nothing: tables from the finished runs")
     parser.add_argument(
+        "--suite",
+        choices=sorted(SUITES),
+        help="run every row on this suite's domains instead of the config's (default folder runs/ablation-SUITE)",
+    )
+    parser.add_argument(
         "--reevaluate",
         nargs="+",
         metavar="SECTION.KEY=VALUE",
@@ -101,8 +107,11 @@ def ablate_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from molora.ablation.harness import run_ablation
 
-    out = args.output_dir or Path("runs") / ("ablation-quick" if args.quick else "ablation")
+    default = "ablation" + ("-quick" if args.quick else "") + (f"-{args.suite}" if args.suite else "")
+    out = args.output_dir or Path("runs") / default
     try:
+        if args.reevaluate and args.suite:
+            raise ValueError("--suite and --reevaluate: re-evaluate the suite's folder (--output-dir) without --suite")
         if args.reevaluate:
             from molora.ablation.reevaluate import reevaluate_ablation, tag_of
 
@@ -110,7 +119,13 @@ def ablate_main(argv: list[str] | None = None) -> int:
             print((out / f"reeval-{tag_of(args.reevaluate)}" / "ablation.md").read_text())
             return 0
         rows = run_ablation(
-            args.config, out, quick=args.quick, seeds=args.seeds, jobs=args.jobs, report_only=args.report_only
+            args.config,
+            out,
+            quick=args.quick,
+            seeds=args.seeds,
+            jobs=args.jobs,
+            report_only=args.report_only,
+            suite=args.suite,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"molora-ablate: error: {err}", file=sys.stderr)

@@ -194,11 +194,12 @@ def run_ablation(
     seeds: int | None = None,
     jobs: int = 1,
     report_only: bool = False,
+    suite: str | None = None,
 ) -> list[dict]:
     """Every row over every seed (grid rows: choose on validation with the first seed); writes the tables as runs
     finish. jobs > 1 runs that many processes at once with cores/jobs threads each. report_only: train nothing,
-    write the tables from the runs already done."""
-    ablation = load_ablation(config, quick, seeds)
+    write the tables from the runs already done. suite: the rows on that suite's domains (load_ablation)."""
+    ablation = load_ablation(config, quick, seeds, suite)
     counts = check_matched(ablation)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,6 +207,7 @@ def run_ablation(
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     command = f"python -m train.ablate --config {config}" + (" --quick" if quick else "")
     command += (f" --seeds {seeds}" if seeds is not None else "") + (f" --jobs {jobs}" if jobs > 1 else "")
+    command += f" --suite {suite}" if suite is not None else ""
     started = time.perf_counter()
     results: list[dict] = []
     lock = threading.Lock()  # jobs > 1: runs finish on several threads; one writes the tables at a time

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from molora.run.config import RunConfig, check_keys
+from molora.run.domains import SUITES
 
 SECTION_KEYS = ("rows", "quick", "seeds", "quick_seeds", "baseline", "match")
 ROW_KEYS = ("name", "grid", "allow_unmatched", "compare_to", "model", "data", "molora", "train")
@@ -74,8 +75,11 @@ class Ablation:
     tolerance: float
 
 
-def load_ablation(path: str | Path, quick: bool = False, seeds: int | None = None) -> Ablation:
-    """The rows and settings, validated (keys, grid values, row configs) before anything runs."""
+def load_ablation(
+    path: str | Path, quick: bool = False, seeds: int | None = None, suite: str | None = None
+) -> Ablation:
+    """The rows and settings, validated (keys, grid values, row configs) before anything runs. `suite` (a name of
+    molora.run.domains.SUITES) sets every row's data.domains: the same rows on other domains."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ablation config {path} does not exist")
@@ -104,6 +108,8 @@ def load_ablation(path: str | Path, quick: bool = False, seeds: int | None = Non
         merged = deep_merge(spec, raw)
         if quick:
             merged = deep_merge(merged, section.get("quick") or {})
+        if suite is not None:
+            merged = deep_merge(merged, {"data": {"domains": list(SUITES[suite])}})
         row = Row(name, merged, grid, allow, compare_to)
         for _, variant in row.variants():
             check_keys(variant)

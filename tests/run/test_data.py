@@ -152,3 +152,25 @@ def test_clear_errors(tokenizer, tmp_path):
     )
     with pytest.raises(ValueError, match=r"long\.jsonl, line 1: field 'response' \(data\.response_field\) is empty"):
         MultiDomainData(DataConfig(domains=["d"], files=[str(long)], max_length=16), tokenizer)
+
+
+def test_the_suites_partition_the_builtin_domains_and_a_suite_name_expands():
+    from molora.run.domains import SUITES
+
+    members = [d for suite in SUITES.values() for d in suite]
+    assert sorted(members) == sorted(BUILTIN_DOMAINS) and len(set(members)) == len(members)
+    assert DataConfig().domains == list(SUITES["bundled"])  # the default is the suite the choices were made on
+    assert DataConfig(domains="heldout").domains == ["phonetics", "spanish", "regions"]
+    assert DataConfig(domains="news").domains == ["news"]  # a domain name stays a domain
+    with pytest.raises(ValueError, match=r"unknown domain\(s\) \['held'\].*suites: \['bundled', 'heldout'\]"):
+        DataConfig(domains="held")
+
+
+def test_heldout_domains_hold_what_their_prompts_ask_for():
+    records = load_records(DataConfig(domains="heldout"))
+    phones = {p for r in records["phonetics"] for p in r["response"].split()}
+    assert phones and all(p.rstrip("012").isalpha() and p.rstrip("012").isupper() for p in phones)  # ARPAbet
+    assert all(json.loads(r["response"]).keys() == {"code", "type"} for r in records["regions"])
+    assert all(json.loads(r["response"])["code"].split("-")[0].isupper() for r in records["regions"])
+    assert all(r["prompt"].startswith("Translate this emoji name into Spanish: ") for r in records["spanish"])
+    assert not any("skin tone" in r["prompt"] for r in records["spanish"])  # near-duplicates of their base emoji
