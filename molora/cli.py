@@ -99,6 +99,25 @@ def ablate_main(argv: list[str] | None = None) -> int:
         help="run every row on this suite's domains instead of the config's (default folder runs/ablation-SUITE)",
     )
     parser.add_argument(
+        "--rows",
+        type=lambda text: [name for name in text.split(",") if name],
+        metavar="NAME,NAME",
+        help="train only these rows (and the baseline and budget reference they are measured against); the tables "
+        "still show every row's finished runs",
+    )
+    parser.add_argument(
+        "--cross-suite",
+        nargs="+",
+        metavar="SUITE=FOLDER",
+        help="train nothing: each row's difference to the baseline on every suite's finished runs, and the verdict "
+        "across suites (a win only on a suite the rows were not chosen on), in OUTPUT_DIR/cross_suite.md",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="ROW",
+        help="with --cross-suite: measure against this row instead of the file's baseline (a control)",
+    )
+    parser.add_argument(
         "--reevaluate",
         nargs="+",
         metavar="SECTION.KEY=VALUE",
@@ -108,8 +127,11 @@ def ablate_main(argv: list[str] | None = None) -> int:
     from molora.ablation.harness import run_ablation
 
     default = "ablation" + ("-quick" if args.quick else "") + (f"-{args.suite}" if args.suite else "")
+    default = "ablation-cross" if args.cross_suite else default
     out = args.output_dir or Path("runs") / default
     try:
+        if args.cross_suite:
+            return _cross_suite(args, out)
         if args.reevaluate and args.suite:
             raise ValueError("--suite and --reevaluate: re-evaluate the suite's folder (--output-dir) without --suite")
         if args.reevaluate:
@@ -126,12 +148,28 @@ def ablate_main(argv: list[str] | None = None) -> int:
             jobs=args.jobs,
             report_only=args.report_only,
             suite=args.suite,
+            only=args.rows,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"molora-ablate: error: {err}", file=sys.stderr)
         return 2
     print((out / "ablation.md").read_text())
     return 0 if any(r["status"] == "ok" for r in rows) or args.report_only else 1
+
+
+def _cross_suite(args: argparse.Namespace, out: Path) -> int:
+    from molora.ablation.cross_suite import write_cross_suite
+
+    folders = {}
+    for item in args.cross_suite:
+        suite, sep, folder = item.partition("=")
+        if not sep or not folder:
+            raise ValueError(f"--cross-suite takes SUITE=FOLDER, got {item!r}")
+        folders[suite] = Path(folder)
+    command = f"molora-ablate --config {args.config} --cross-suite {' '.join(args.cross_suite)} --output-dir {out}"
+    command += f" --baseline {args.baseline}" if args.baseline else ""
+    print(write_cross_suite(args.config, folders, out, command, seeds=args.seeds, baseline=args.baseline).read_text())
+    return 0
 
 
 def ranks_main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, Lla
 from transformers.utils import logging as hf_logging
 
 from molora import MoLoRAConfig
+from molora.core.routers import ROUTERS as ROUTER_CLASSES
 
 hf_logging.set_verbosity_error()
 
@@ -121,7 +122,7 @@ def molora_config(arch: str, router: str = "softmax", expert_type: str = "lora",
         rank=4,
         alpha=8,
         router=router,
-        num_tasks=NUM_TASKS if router == "task" else None,
+        num_tasks=NUM_TASKS if ROUTER_CLASSES[router].needs_task_ids else None,
         intuition_pooling="mean" if arch in ("bert", "bart") else "causal",
     )
     options.update(overrides)
@@ -144,7 +145,7 @@ def make_batch(batch: int = 2, length: int = 9, seed: int = 1, pad_last: int = 0
 
 
 def task_ids_for(router: str, batch: int = 2) -> torch.Tensor | None:
-    return torch.arange(batch) % NUM_TASKS if router == "task" else None
+    return torch.arange(batch) % NUM_TASKS if ROUTER_CLASSES[router].needs_task_ids else None
 
 
 def cache_kwarg(model, cache) -> dict:

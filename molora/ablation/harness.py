@@ -195,11 +195,13 @@ def run_ablation(
     jobs: int = 1,
     report_only: bool = False,
     suite: str | None = None,
+    only: list[str] | None = None,
 ) -> list[dict]:
     """Every row over every seed (grid rows: choose on validation with the first seed); writes the tables as runs
     finish. jobs > 1 runs that many processes at once with cores/jobs threads each. report_only: train nothing,
-    write the tables from the runs already done. suite: the rows on that suite's domains (load_ablation)."""
-    ablation = load_ablation(config, quick, seeds, suite)
+    write the tables from the runs already done. suite: the rows on that suite's domains; only: train just these
+    rows and the ones they are measured against, report every row's finished runs (load_ablation)."""
+    ablation = load_ablation(config, quick, seeds, suite, only)
     counts = check_matched(ablation)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,13 +210,15 @@ def run_ablation(
     command = f"python -m train.ablate --config {config}" + (" --quick" if quick else "")
     command += (f" --seeds {seeds}" if seeds is not None else "") + (f" --jobs {jobs}" if jobs > 1 else "")
     command += f" --suite {suite}" if suite is not None else ""
+    command += f" --rows {','.join(only)}" if only is not None else ""
     started = time.perf_counter()
     results: list[dict] = []
     lock = threading.Lock()  # jobs > 1: runs finish on several threads; one writes the tables at a time
 
-    def launch(variant: str, spec: dict[str, Any], seed: int) -> dict:
+    def launch(variant: str, spec: dict[str, Any], seed: int, row: str) -> dict:
         folder = out / "rows" / variant / f"seed{seed}"
-        result = run_one(variant, spec, seed, folder, inline, threads, train=not report_only)
+        trains = not report_only and (ablation.trained is None or row in ablation.trained)
+        result = run_one(variant, spec, seed, folder, inline, threads, train=trains)
         if result is None:  # report_only, not run yet
             return {"variant": variant, "seed": seed, "status": "pending"}
         with lock:
@@ -233,7 +237,7 @@ def run_ablation(
             def grid_row(row: Row) -> list:
                 """The grid on the first seed, then (as soon as it is done) the chosen point on the other seeds."""
                 points = [
-                    pool.submit((first, position[row.name], k), launch, name, spec, first)
+                    pool.submit((first, position[row.name], k), launch, name, spec, first, row.name)
                     for k, (name, spec) in enumerate(row.variants())
                 ]
                 tried = [f.result() for f in points]
@@ -241,12 +245,13 @@ def run_ablation(
                     return []
                 best = min(tried, key=val_loss)["variant"]
                 spec = dict(row.variants())[best]
-                return [pool.submit((s, position[row.name], 0), launch, best, spec, s) for s in ablation.seeds[1:]]
+                later = ablation.seeds[1:]
+                return [pool.submit((s, position[row.name], 0), launch, best, spec, s, row.name) for s in later]
 
             grids = [coordinators.submit(grid_row, row) for row in ablation.rows if row.grid]
             # seed-major: an interrupted ablation leaves whole seeds (paired samples) rather than whole rows
             plain = [
-                pool.submit((seed, position[row.name], 0), launch, row.name, row.spec, seed)
+                pool.submit((seed, position[row.name], 0), launch, row.name, row.spec, seed, row.name)
                 for seed in ablation.seeds
                 for row in ablation.rows
                 if not row.grid and (row.trains or seed == first)  # the base model trains nothing: once

@@ -112,7 +112,7 @@ def verdict(d_loss: Interval | None, d_domain: dict[str, Interval | None]) -> st
     return "worse" if d_loss.low > 0 else "tie"
 
 
-def _fmt(value: Any, signed: bool = False) -> str:
+def fmt(value: Any, signed: bool = False) -> str:
     if value is None:
         return "-"
     if isinstance(value, Interval):
@@ -175,25 +175,25 @@ def markdown(ablation: Ablation, summary: list[dict], results: list[dict], comma
         "|" + "---|" * (12 + 2 * len(label_keys)),
     ]
     for e in summary:
-        params = _fmt(e["params"]) + ("" if e["params_ratio"] is None else f" ({e['params_ratio']:.3f})")
+        params = fmt(e["params"]) + ("" if e["params_ratio"] is None else f" ({e['params_ratio']:.3f})")
         cells = [e["row"], e["variant"] or "(grid running)", params, str(e["seeds"])]
-        cells += [_fmt(e.get("val_loss")), _fmt(e.get("loss")), _fmt(e.get("d_loss"), True), _fmt(e.get("token_acc"))]
+        cells += [fmt(e.get("val_loss")), fmt(e.get("loss")), fmt(e.get("d_loss"), True), fmt(e.get("token_acc"))]
         for key in label_keys:
-            cells += [_fmt(e.get(key)), _fmt(e.get("d_" + key), True)]
-        cells += [_fmt(e.get("routing_mi")), _fmt(e.get("dead_experts")), _fmt(e.get("step_s")), _fmt(e.get("verdict"))]
+            cells += [fmt(e.get(key)), fmt(e.get("d_" + key), True)]
+        cells += [fmt(e.get("routing_mi")), fmt(e.get("dead_experts")), fmt(e.get("step_s")), fmt(e.get("verdict"))]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"## Per domain: Δ eval loss to `{base}` (mean ± 95 % interval)", ""]
     lines += ["| row | " + " | ".join(domains) + " |", "|" + "---|" * (len(domains) + 1)]
     for e in summary:
         if e.get("d_domain"):
-            lines.append(f"| {e['row']} | " + " | ".join(_fmt(e["d_domain"].get(d), True) for d in domains) + " |")
+            lines.append(f"| {e['row']} | " + " | ".join(fmt(e["d_domain"].get(d), True) for d in domains) + " |")
     levers = [e for e in summary if e.get("lever")]
     if levers:
         lines += ["", "## Levers: each row against the row it changes (Δ = row - that row, paired by seed)", ""]
         lines += ["| row | against | Δ val loss | Δ eval loss | Δ routing_mi |", "|---|---|---|---|---|"]
         for e in levers:
             lever = e["lever"]
-            cells = [e["row"], lever["parent"]] + [_fmt(lever[k], True) for k in ("d_val", "d_loss", "d_mi")]
+            cells = [e["row"], lever["parent"]] + [fmt(lever[k], True) for k in ("d_val", "d_loss", "d_mi")]
             lines.append("| " + " | ".join(cells) + " |")
     grid_rows = [row for row in ablation.rows if row.grid]
     if grid_rows:
@@ -205,7 +205,7 @@ def markdown(ablation: Ablation, summary: list[dict], results: list[dict], comma
                 if found and found[0]["status"] == "ok":
                     r = found[0]
                     val = (r.get("val") or {}).get("mean", {}).get("loss")
-                    lines.append(f"| {name} | {_fmt(val)} | {_fmt(r['eval']['mean']['loss'])} |")
+                    lines.append(f"| {name} | {fmt(val)} | {fmt(r['eval']['mean']['loss'])} |")
     failed = [r for r in results if r["status"] != "ok"]
     if failed:
         lines += ["", "## Failed runs", ""] + [f"- {r['variant']} seed {r['seed']}: {r['error']}" for r in failed]

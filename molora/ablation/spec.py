@@ -73,13 +73,20 @@ class Ablation:
     baseline: str | None
     reference: str | None
     tolerance: float
+    trained: set[str] | None = None  # rows that may train (None: all); the others only report finished runs
 
 
 def load_ablation(
-    path: str | Path, quick: bool = False, seeds: int | None = None, suite: str | None = None
+    path: str | Path,
+    quick: bool = False,
+    seeds: int | None = None,
+    suite: str | None = None,
+    only: list[str] | None = None,
 ) -> Ablation:
     """The rows and settings, validated (keys, grid values, row configs) before anything runs. `suite` (a name of
-    molora.run.domains.SUITES) sets every row's data.domains: the same rows on other domains."""
+    molora.run.domains.SUITES) sets every row's data.domains: the same rows on other domains. `only` trains just
+    these rows and the ones they are measured against (the baseline, the budget's reference); the tables still show
+    every row's finished runs, so a subset run into a full ablation's folder adds to its tables."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ablation config {path} does not exist")
@@ -131,4 +138,15 @@ def load_ablation(
             raise ValueError(
                 f"{path}: row {row.name!r}: compare_to {row.compare_to!r} is not another row; rows: {names}"
             )
-    return Ablation(rows, list(range(count)), baseline, reference, float(match.get("tolerance", 0.02)))
+    trained = None if only is None else rows_to_train(names, only, keep={baseline, reference}, path=path)
+    return Ablation(rows, list(range(count)), baseline, reference, float(match.get("tolerance", 0.02)), trained)
+
+
+def rows_to_train(names: list[str], only: list[str], keep: set[str | None], path: Path) -> set[str]:
+    """The named rows plus `keep` (the baseline and the budget's reference: what they are measured against)."""
+    for name in only:
+        if name not in names:
+            close = difflib.get_close_matches(name, names, 1)
+            hint = f"; did you mean {close[0]!r}" if close else ""
+            raise ValueError(f"{path}: no row named {name!r}{hint} (rows: {', '.join(names)})")
+    return {n for n in names if n in only or n in keep}

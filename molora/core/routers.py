@@ -77,6 +77,7 @@ class Router(nn.Module):
     needs_task_ids: ClassVar[bool] = False  # forward()/generate() need task_ids, the config needs num_tasks
     mergeable_per_task: ClassVar[bool] = False  # one gate per task: merge_and_unload(task_id=...) reproduces it
     shareable: ClassVar[bool] = True  # one instance may route several modules (routing_scope "input"/"block")
+    learned: ClassVar[bool] = True  # has weights training moves (router_init_std, router_lr_scale act on them)
 
     @classmethod
     def check_config(cls, config: Any) -> None:
@@ -360,3 +361,57 @@ class TaskRouter(Router):
         if inputs.task_ids is None:
             raise ValueError("router='task' needs task_ids ([batch] ints) passed to MoLoRAModel.forward/generate")
         return self.task_embedding.weight.float()[inputs.task_ids].unsqueeze(1)
+
+
+@register_router("domain")
+class DomainRouter(Router):
+    """One LoRA per domain with the domain known: task t goes to expert t alone, by a rule, not a learned gate. The
+    multi-domain oracle beside which a learned router is judged (what a task router learns at best), with no
+    parameters of its own. A module with one expert is shared by every task (MixLoRA's plain q/v)."""
+
+    needs_task_ids = True
+    mergeable_per_task = True
+    default_top_k = 1
+    learned = False
+
+    def __init__(self, in_features: int, num_experts: int, *, num_tasks: int, **kwargs: Any):
+        super().__init__(in_features, num_experts, **kwargs)
+        if 1 < num_experts < num_tasks:
+            raise ValueError(
+                f"router='domain' gives each of the {num_tasks} tasks an expert of its own: a module needs "
+                f"num_experts >= num_tasks (or 1, shared by all), got {num_experts}"
+            )
+        self.num_tasks = num_tasks
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        super().check_config(config)
+        if config.top_k != 1:
+            raise ValueError(f"router='domain' sends each task to its one expert: top_k must be 1, got {config.top_k}")
+        if 1 < config.largest_num_experts() < config.num_tasks:
+            raise ValueError(
+                f"router='domain' gives each of the {config.num_tasks} tasks an expert of its own: num_experts must "
+                f"be at least num_tasks, got {config.largest_num_experts()}"
+            )
+
+    @classmethod
+    def config_warnings(cls, config: Any) -> list[str]:
+        said = []
+        unused = config.largest_num_experts() - config.num_tasks
+        if unused > 0:
+            said.append(f"router='domain': {unused} expert(s) per routed module serve no task and stay at init")
+        if config.router_init_std is not None:
+            said.append("router_init_std is ignored: router='domain' has no weights")
+        return said
+
+    @classmethod
+    def from_config(cls, in_features: int, num_experts: int, config: Any, **overrides: Any) -> Router:
+        overrides.setdefault("num_tasks", config.num_tasks)
+        return super().from_config(in_features, num_experts, config, **overrides)
+
+    def compute_logits(self, x: torch.Tensor, inputs: RouterInputs, projected: torch.Tensor | None) -> torch.Tensor:
+        if inputs.task_ids is None:
+            raise ValueError("router='domain' needs task_ids ([batch] ints) passed to MoLoRAModel.forward/generate")
+        if self.num_experts == 1:
+            return torch.zeros(inputs.task_ids.shape[0], 1, 1, device=x.device)
+        return F.one_hot(inputs.task_ids, self.num_experts).float().unsqueeze(1)

@@ -134,8 +134,8 @@ class RunConfig:
         name = molora.get("router", MoLoRAConfig.router)
         router = ROUTERS.get(name) if isinstance(name, str) else None  # MoLoRAConfig names a bad value below
         if router is not None and router.needs_task_ids and molora.get("num_tasks") is None:  # one task per domain
-            domains = (data.get("data") or {}).get("domains") or DataConfig().domains
-            molora["num_tasks"] = len([domains] if isinstance(domains, str) else domains)
+            domains = DataConfig(**_coerce_floats(DataConfig, data.get("data") or {})).domains  # a suite expanded
+            molora["num_tasks"] = len(domains)
             data = {**data, "molora": molora}
         return cls(
             **{name: SECTIONS[name](**_coerce_floats(SECTIONS[name], data.get(name) or {})) for name in SECTIONS}

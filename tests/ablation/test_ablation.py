@@ -280,3 +280,13 @@ def test_a_suite_puts_every_row_on_its_domains(tmp_path):
     assert [row.spec["data"]["domains"] for row in plain.rows] == [["news", "code"], ["math"]]
     heldout = load_ablation(config, suite="heldout")
     assert [row.spec["data"]["domains"] for row in heldout.rows] == [list(SUITES["heldout"])] * 2
+
+
+def test_rows_trains_only_those_and_what_they_are_measured_against(tiny_spec, tmp_path):
+    config = write(tiny_spec, tmp_path / "ablation.yaml")
+    results = run_ablation(config, tmp_path / "out", quick=True, inline=True, seeds=1, only=["task"])
+    status = {r["variant"]: r["status"] for r in results}
+    assert status == dict.fromkeys(["peft-lora[lr=0.01]", "peft-lora[lr=0.02]", "task"], "ok")  # nothing else ran
+    assert not (tmp_path / "out" / "rows" / "softmax").exists()
+    table = (tmp_path / "out" / "ablation.md").read_text()
+    assert "| softmax |" in table and "--rows task" in table  # every row in the tables; the command as run

@@ -109,7 +109,9 @@ def test_save_load_generate_merge_and_inspect(custom_router, tmp_path):
     )
     assert torch.equal(cached, uncached) and cached.shape == (3, 9)
 
-    with pytest.raises(ValueError, match=f"router '{NAME}' weighs the experts per token.*one gate per task \\(task\\)"):
+    with pytest.raises(
+        ValueError, match=f"router '{NAME}' weighs the experts per token.*one gate per task \\(domain, task\\)"
+    ):
         loaded.merge_and_unload(task_id=0)
 
     with loaded.record_routing(domains=["a", "b", "c"]) as recorder, torch.no_grad():

@@ -106,6 +106,8 @@ def valid_kwargs(draw, arch: str, router: str | None = None) -> dict:
         top_k = draw(st.sampled_from([None, 1]))
     elif router in ("intuition", "task"):
         top_k = draw(st.one_of(st.none(), st.integers(1, smallest)))
+    elif router == "domain":  # one expert per task; a module with one expert is shared by all tasks
+        top_k = draw(st.sampled_from([None, 1]))
     pooling = draw(st.sampled_from(POOLINGS))
     kwargs = dict(
         target_modules=target_modules,
@@ -126,7 +128,9 @@ def valid_kwargs(draw, arch: str, router: str | None = None) -> dict:
         router_jitter=draw(st.sampled_from([0.0, 0.01, 0.3])),
         intuition_pooling=pooling,
         intuition_hidden=draw(st.one_of(st.none(), st.integers(2, 24))),
-        num_tasks=draw(st.integers(1, 4)) if router == "task" else None,
+        num_tasks=draw(st.integers(1, 4 if router == "task" else _fewest_routed(num_experts)))
+        if ROUTERS[router].needs_task_ids
+        else None,
         aux_losses=draw(st.dictionaries(st.sampled_from(sorted(AUX_LOSSES)), st.floats(0, 1), max_size=4)),
         layers_to_transform=layers,
         # a group shares one routing decision, so its modules need one expert count
@@ -148,6 +152,12 @@ def valid_kwargs(draw, arch: str, router: str | None = None) -> dict:
     return kwargs
 
 
+def _fewest_routed(num_experts: int | dict) -> int:
+    """The fewest experts of a module with more than one (router='domain' needs that many tasks at most)."""
+    counts = list(num_experts.values()) if isinstance(num_experts, dict) else [num_experts]
+    return min([c for c in counts if c > 1], default=1)
+
+
 def _split(kwargs: dict) -> tuple[dict, dict]:
     kwargs = dict(kwargs)
     return {k: v for k, v in kwargs.items() if k != "_expect"}, kwargs.get("_expect", {})
@@ -156,7 +166,7 @@ def _split(kwargs: dict) -> tuple[dict, dict]:
 def _forward(model, config: MoLoRAConfig, batch: dict) -> torch.Tensor:
     length = batch["input_ids"].shape[1]
     task_ids = None
-    if config.router == "task":
+    if ROUTERS[config.router].needs_task_ids:
         task_ids = torch.arange(2) % config.num_tasks
     elif "task_mi" in config.aux_losses:  # the task-aware loss reads task ids whatever the router
         task_ids = torch.arange(2)

@@ -25,6 +25,10 @@ from tests.architectures import (
 
 NUM_TASKS = 2
 TASK_IDS = torch.tensor([0, 1])
+# Every router with a path of its own through a layer; the domain router takes the task router's (one gate per
+# sequence from the task ids) and is checked on its own in tests/core/test_domain_router.py: 218 types x one more
+# router would add a sixth to this file's time for no path not already taken.
+ARCH_ROUTERS = [name for name in ROUTERS if name != "domain"]
 
 
 def config_for(router: str, **overrides) -> MoLoRAConfig:
@@ -127,7 +131,7 @@ def test_every_architecture_takes_experts_in_every_linear(family, model_type, tm
 
     # Token routers on every family; the routers that pool a sequence and the task router too where nothing
     # decodes (encoders, vision), so a module that sees [batch, features] (a pooler) is covered by each.
-    trained = ["topk"] if FAMILY[family].generates else list(ROUTERS)
+    trained = ["topk"] if FAMILY[family].generates else ARCH_ROUTERS
     for router in trained:
         check_train_step_and_save_load(family, model_type, router, tmp_path)
     if not FAMILY[family].generates:
@@ -135,7 +139,7 @@ def test_every_architecture_takes_experts_in_every_linear(family, model_type, tm
     if decoding_note is not None:
         pytest.skip(f"{model_type}: {decoding_note}")
     inputs = model_inputs(build(family, model_type))
-    for seed, router in enumerate(ROUTERS):
+    for seed, router in enumerate(ARCH_ROUTERS):
         molora = get_molora_model(build(family, model_type), config_for(router))
         randomise_adapter(molora, seed)
         molora.eval()

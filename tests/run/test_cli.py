@@ -66,6 +66,9 @@ def test_task_router_defaults_to_one_task_per_domain(tiny_config):
     assert load_run_config(tiny_config, ["train.lr=1e-3"]).train.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
     assert apply_overrides({}, ["train.steps=7"]) == {"train": {"steps": 7}}
     assert RunConfig.from_dict({}).model.name == "smollm2-135m"
+    for domains, tasks in (("heldout", 3), ("conflict", 4), ("news", 1), (None, 5)):  # a suite counts its domains
+        spec = {"molora": {"router": "task"}, "data": {} if domains is None else {"domains": domains}}
+        assert RunConfig.from_dict(spec).molora.num_tasks == tasks, domains
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -162,7 +162,8 @@ def test_the_suites_partition_the_builtin_domains_and_a_suite_name_expands():
     assert DataConfig().domains == list(SUITES["bundled"])  # the default is the suite the choices were made on
     assert DataConfig(domains="heldout").domains == ["phonetics", "spanish", "regions"]
     assert DataConfig(domains="news").domains == ["news"]  # a domain name stays a domain
-    with pytest.raises(ValueError, match=r"unknown domain\(s\) \['held'\].*suites: \['bundled', 'heldout'\]"):
+    suites = r"suites: \['bundled', 'conflict', 'heldout'\]"
+    with pytest.raises(ValueError, match=r"unknown domain\(s\) \['held'\].*" + suites):
         DataConfig(domains="held")
 
 
@@ -174,3 +175,18 @@ def test_heldout_domains_hold_what_their_prompts_ask_for():
     assert all(json.loads(r["response"])["code"].split("-")[0].isupper() for r in records["regions"])
     assert all(r["prompt"].startswith("Translate this emoji name into Spanish: ") for r in records["spanish"])
     assert not any("skin tone" in r["prompt"] for r in records["spanish"])  # near-duplicates of their base emoji
+
+
+def test_conflict_pairs_ask_the_same_prompts_and_answer_them_differently():
+    records = load_records(DataConfig(domains="conflict"))
+    for first, second in (("arpabet", "syllables"), ("emoji-es", "emoji-fr")):
+        answers = {r["prompt"]: r["response"] for r in records[second]}
+        shared = [r for r in records[first] if r["prompt"] in answers]
+        assert len(shared) > 0.9 * len(records[first])  # the same prompts ...
+        assert sum(r["response"] != answers[r["prompt"]] for r in shared) > 0.9 * len(shared)  # ... other answers
+    syllables = {r["prompt"].removeprefix("Word: "): r["response"] for r in records["syllables"]}
+    arpabet = {r["prompt"].removeprefix("Word: ") for r in records["arpabet"]}
+    phonetics = {r["prompt"].rsplit(" ", 1)[1] for r in load_records(DataConfig(domains=["phonetics"]))["phonetics"]}
+    assert not arpabet & phonetics  # other words than the held-out suite's
+    hand = {"agriculturalist": "6", "ekkehard": "2"}  # counted by hand from their ARPAbet vowels
+    assert {w: syllables[w] for w in hand} == hand

@@ -1,0 +1,132 @@
+"""The verdict across suites (a win only on a suite the rows were not chosen on) and running a subset of rows."""
+
+import json
+
+import pytest
+
+from molora.ablation.cross_suite import chosen_on, cross_suite, cross_verdict
+from molora.ablation.spec import deep_merge, load_ablation
+from molora.cli import ablate_main
+from molora.run.domains import SUITES
+
+CONFIG = """
+data: {domains: [news, sentiment, math, code, qa], val_fraction: 0.2}
+ablation:
+  seeds: 3
+  baseline: peft-lora
+  rows:
+    - {name: peft-lora, model: {adapter: peft-lora, peft_rank: 4}}
+    - {name: home-only, molora: {router: softmax}}
+    - {name: both, molora: {router: topk}, compare_to: home-only}
+    - {name: worse-away, molora: {router: switch}}
+    - {name: base-model, model: {adapter: none}}
+"""
+
+# Δ mean loss to PEFT per seed on each suite (the seeds vary by ±0.002 around the mean: intervals of ±0.005)
+DELTAS = {
+    "home-only": {"bundled": -0.05, "heldout": 0.0},
+    "both": {"bundled": -0.05, "heldout": -0.04},
+    "worse-away": {"bundled": -0.05, "heldout": +0.06},
+}
+NOISE = (-0.002, 0.0, 0.002)
+
+
+def plant(config, folders):
+    """result.json files, as the harness writes them, for every row and seed on each suite."""
+    for suite, folder in folders.items():
+        ablation = load_ablation(config, suite=suite)
+        for row in ablation.rows:
+            for seed in ablation.seeds:
+                base = 1.0 + 0.1 * seed  # seeds differ more than rows: only pairing resolves the rows
+                loss = base + (DELTAS.get(row.name, {}).get(suite, 0.0) + NOISE[seed] if row.name in DELTAS else 0)
+                domains = {d: {"loss": loss} for d in SUITES[suite]}
+                spec = deep_merge(row.spec, {"train": {"seed": seed, "progress": False}})
+                result = {"variant": row.name, "seed": seed, "spec": spec, "status": "ok", "trainable_params": 100}
+                result["eval"] = {**domains, "mean": {"loss": loss, "token_acc": 0.5}}
+                run = folder / "rows" / row.name / f"seed{seed}"
+                run.mkdir(parents=True)
+                (run / "result.json").write_text(json.dumps(result))
+
+
+@pytest.fixture
+def planted(tmp_path):
+    config = tmp_path / "ablation.yaml"
+    config.write_text(CONFIG)
+    folders = {"bundled": tmp_path / "bundled", "heldout": tmp_path / "heldout"}
+    plant(config, folders)
+    return config, folders
+
+
+def test_a_row_wins_only_where_it_beats_the_baseline_on_the_suite_it_was_not_chosen_on(planted):
+    config, folders = planted
+    assert chosen_on(config) == "bundled"
+    entries = {e["row"]: e for e in cross_suite(config, folders)}
+    assert set(entries) == set(DELTAS)  # neither the baseline nor the untrained base model has a verdict
+    for row, deltas in DELTAS.items():
+        for suite, delta in deltas.items():
+            found = entries[row]["suites"][suite]
+            assert found["seeds"] == 3 and found["d_loss"].mean == pytest.approx(delta)
+    assert {r: e["suites"]["bundled"]["verdict"] for r, e in entries.items()} == dict.fromkeys(DELTAS, "beats")
+    verdicts = {r: e["verdict"] for r, e in entries.items()}
+    assert verdicts == {"home-only": "no win", "both": "win", "worse-away": "loses"}
+
+
+def test_the_verdict_follows_the_held_out_suite_not_the_home_one(planted, tmp_path):
+    """The counter-test: with the choice declared on the other suite, the row that only beat at home now wins."""
+    _, folders = planted
+    swapped = tmp_path / "swapped.yaml"
+    swapped.write_text(CONFIG.replace("[news, sentiment, math, code, qa]", "[phonetics, spanish, regions]"))
+    assert chosen_on(swapped) == "heldout"
+    entries = {e["row"]: e for e in cross_suite(swapped, folders)}
+    assert entries["home-only"]["verdict"] == "win"  # beats on bundled, which is now the held-out suite
+
+
+def test_cross_verdict_by_hand():
+    assert cross_verdict({"bundled": "beats", "heldout": "beats"}, "bundled") == "win"
+    assert cross_verdict({"bundled": "tie", "heldout": "beats"}, "bundled") == "win"
+    assert cross_verdict({"bundled": "beats", "heldout": "tie"}, "bundled") == "no win"
+    assert cross_verdict({"bundled": "beats", "heldout": None}, "bundled") == "not run"
+    assert cross_verdict({"bundled": "beats"}, "bundled") == "not run"
+    assert cross_verdict({"bundled": "worse", "heldout": "beats"}, "bundled") == "loses"
+
+
+def test_the_cross_suite_command_writes_its_table_and_names_bad_arguments(planted, tmp_path, capsys):
+    config, folders = planted
+    out = tmp_path / "cross"
+    args = ["--config", str(config), "--cross-suite", *(f"{s}={f}" for s, f in folders.items()), "--output-dir"]
+    assert ablate_main([*args, str(out)]) == 0
+    table = (out / "cross_suite.md").read_text()
+    assert "| both | 100 | -0.050 ± 0.005 (3) | beats | -0.040 ± 0.005 (3) | beats | **win** |" in table
+    assert ablate_main(["--config", str(config), "--cross-suite", "bundled", "--output-dir", str(out)]) == 2
+    assert "SUITE=FOLDER" in capsys.readouterr().err
+    assert ablate_main(["--config", str(config), "--cross-suite", f"moon={tmp_path}", "--output-dir", str(out)]) == 2
+    assert "unknown suites ['moon']" in capsys.readouterr().err
+
+
+def test_rows_names_what_trains_with_what_it_is_measured_against(planted):
+    config, _ = planted
+    assert load_ablation(config).trained is None
+    assert load_ablation(config, only=["both"]).trained == {"peft-lora", "both"}  # the baseline comes along
+    with pytest.raises(ValueError, match="no row named 'bth'; did you mean 'both'"):
+        load_ablation(config, only=["bth"])
+
+
+def test_seeds_to_resolve_by_hand():
+    from molora.analysis.stats import mean_interval, seeds_to_resolve
+
+    # mean -0.00833, sd 0.01258: 11 seeds give 2.228 * 0.01258 / sqrt(11) = 0.00845 (not yet), 12 give 0.00799
+    assert seeds_to_resolve(mean_interval([-0.01, -0.02, 0.005])) == 12
+    assert seeds_to_resolve(mean_interval([-0.001, 0.02, -0.02])) is None  # more than 30
+    assert seeds_to_resolve(mean_interval([-0.01])) is None  # one seed: no spread to go by
+
+
+def test_another_row_can_be_the_baseline_of_the_cross_suite_table(planted, tmp_path, capsys):
+    config, folders = planted
+    entries = {e["row"]: e for e in cross_suite(config, folders, baseline="home-only")}
+    assert "home-only" not in entries and entries["peft-lora"]["suites"]["heldout"]["d_loss"].mean == pytest.approx(0)
+    assert entries["both"]["suites"]["heldout"]["d_loss"].mean == pytest.approx(-0.04)  # paired: -0.04 - 0.0
+    args = ["--config", str(config), "--cross-suite", *(f"{s}={f}" for s, f in folders.items())]
+    assert ablate_main([*args, "--output-dir", str(tmp_path / "x"), "--baseline", "home-only"]) == 0
+    assert "`home-only` mean eval loss" in (tmp_path / "x" / "cross_suite-home-only.md").read_text()
+    assert ablate_main([*args, "--output-dir", str(tmp_path / "x"), "--baseline", "nope"]) == 2
+    assert "--baseline 'nope' is not a row" in capsys.readouterr().err
