@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from molora.ablation.harness import run_one
+from molora.ablation.harness import finished
 from molora.ablation.report import domains_of, fmt, summarise
-from molora.ablation.spec import Ablation, load_ablation
+from molora.ablation.spec import load_ablation
 from molora.analysis.stats import seeds_to_resolve
 from molora.run.domains import SUITES
 from molora.utils import atomic_write_text
@@ -38,18 +38,6 @@ def chosen_on(config: str | Path) -> str:
     )
 
 
-def finished(ablation: Ablation, folder: Path) -> list[dict]:
-    """The results already in `folder` whose config is the row's on this suite (nothing is trained)."""
-    found = []
-    for row in ablation.rows:
-        for variant, spec in row.variants():
-            for seed in ablation.seeds:
-                result = run_one(variant, spec, seed, folder / "rows" / variant / f"seed{seed}", False, None, False)
-                if result is not None:
-                    found.append(result)
-    return found
-
-
 def cross_verdict(verdicts: dict[str, str | None], home: str) -> str:
     """verdicts: {suite: "beats" | "tie" | "worse" | None (fewer than 2 seeds)}; home: the suite of the choice."""
     if any(v == "worse" for v in verdicts.values()):
@@ -65,9 +53,9 @@ def cross_verdict(verdicts: dict[str, str | None], home: str) -> str:
 def cross_suite(
     config: str | Path, folders: dict[str, Path], seeds: int | None = None, baseline: str | None = None
 ) -> list[dict[str, Any]]:
-    """One entry per row: {suite: its summary there} plus the cross-suite verdict; rows that trained nothing and
-    the baseline itself have no verdict. `baseline`: another row to measure against than the file's (a control,
-    such as plain LoRA on the mixture's modules)."""
+    """One entry per row that has run somewhere: {suite: its summary there} plus the cross-suite verdict; rows that
+    train nothing and the baseline itself have no verdict. `baseline`: another row to measure against than the
+    file's (a control, such as plain LoRA on the mixture's modules)."""
     unknown = sorted(set(folders) - set(SUITES))
     if unknown:
         raise ValueError(f"unknown suites {unknown}; suites: {', '.join(SUITES)}")
@@ -94,6 +82,8 @@ def cross_suite(
         for suite, (_, summary, domains) in per_suite.items():
             found = next(e for e in summary if e["row"] == row.name)
             entry["suites"][suite] = {**found, "domains": domains}
+        if not any(found["seeds"] for found in entry["suites"].values()):
+            continue  # a row of the file that has run nowhere yet
         verdicts = {s: e.get("verdict") for s, e in entry["suites"].items()}
         entry["verdict"] = cross_verdict(verdicts, home)
         entry["home"] = home

@@ -140,6 +140,18 @@ def run_one(
     return result
 
 
+def finished(ablation: Ablation, folder: Path) -> list[dict]:
+    """The results already in `folder` whose config is the row's on this suite (nothing is trained)."""
+    found = []
+    for row in ablation.rows:
+        for variant, spec in row.variants():
+            for seed in ablation.seeds:
+                result = run_one(variant, spec, seed, folder / "rows" / variant / f"seed{seed}", False, None, False)
+                if result is not None:
+                    found.append(result)
+    return found
+
+
 class SeedMajorPool:
     """`jobs` worker threads that take the waiting run with the lowest priority (seed, row position, ...) first.
 
@@ -212,7 +224,8 @@ def run_ablation(
     command += f" --suite {suite}" if suite is not None else ""
     command += f" --rows {','.join(only)}" if only is not None else ""
     started = time.perf_counter()
-    results: list[dict] = []
+    # the runs already done, in the tables from the start (the pool reaches them only when a worker is free)
+    results: list[dict] = finished(ablation, out)
     lock = threading.Lock()  # jobs > 1: runs finish on several threads; one writes the tables at a time
 
     def launch(variant: str, spec: dict[str, Any], seed: int, row: str) -> dict:
@@ -222,7 +235,8 @@ def run_ablation(
         if result is None:  # report_only, not run yet
             return {"variant": variant, "seed": seed, "status": "pending"}
         with lock:
-            results.append(result)
+            if not any(r["variant"] == variant and r["seed"] == seed for r in results):
+                results.append(result)
             shown = f"eval {result['eval']['mean']['loss']:.3f}" if result["status"] == "ok" else result["error"]
             print(f"[ablation] {variant} seed {seed}: {result['status']} ({shown})", flush=True)
             write_outputs(ablation, results, counts, out, command, time.perf_counter() - started)

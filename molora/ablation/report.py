@@ -58,7 +58,7 @@ def summarise(ablation: Ablation, results: list[dict], counts: dict[str, int]) -
         entry: dict[str, Any] = {"row": row.name, "variant": chosen[row.name], "seeds": len(runs)}
         params = counts.get(chosen[row.name] or row.variants()[0][0])
         entry["params"] = params
-        entry["params_ratio"] = None if not reference or not row.trains else params / reference
+        entry["params_ratio"] = None if not reference or not row.trains or params is None else params / reference
         if not runs:
             summary.append(entry)
             continue
