@@ -91,6 +91,13 @@ def cross_suite(
     return entries
 
 
+def delta_cell(d_loss: Any, seeds: int) -> str:
+    """Δ with the seeds it pairs (a single pair prints as "(n=1)"); "- (seeds)" when nothing pairs yet."""
+    if d_loss is None:
+        return f"- ({seeds})"
+    return str(d_loss) if d_loss.half_width is None else f"{d_loss} ({d_loss.n})"
+
+
 def verdict_cell(d_loss: Any, verdict: str | None) -> str:
     if verdict is None:
         return "-"
@@ -122,7 +129,7 @@ def cross_markdown(entries: list[dict], baseline: str | None, home: str, command
         cells = [e["row"], fmt(next((s["params"] for s in e["suites"].values() if s.get("params")), None))]
         for suite in suites:
             s = e["suites"][suite]
-            cells += [f"{fmt(s.get('d_loss'), True)} ({s['seeds']})", verdict_cell(s.get("d_loss"), s.get("verdict"))]
+            cells += [delta_cell(s.get("d_loss"), s["seeds"]), verdict_cell(s.get("d_loss"), s.get("verdict"))]
         lines.append("| " + " | ".join([*cells, f"**{e['verdict']}**"]) + " |")
     for suite in suites:
         domains = next((e["suites"][suite]["domains"] for e in entries if e["suites"][suite]["domains"]), [])
