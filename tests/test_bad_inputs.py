@@ -445,7 +445,7 @@ def test_an_unknown_domain_names_where_the_known_ones_are(tmp_path):
         load_records(DataConfig(domains=["Upper"], files=[str(toy)]))
     message = str(err.value)
     assert f"unknown domain 'Upper'; did you mean 'upper' ({toy}, line 1)" in message
-    assert f"'reverse' ({toy}, line 2)" in message and "built-in: ['code'" in message
+    assert f"'reverse' ({toy}, line 2)" in message and "built-in: ['arpabet', 'code'" in message
 
 
 def test_good_files_read_exactly(tmp_path):
