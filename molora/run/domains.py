@@ -134,16 +134,17 @@ def _syllables() -> list[Record]:
     ]
 
 
-def _emoji_names(domain: str, language: str) -> list[Record]:
-    """Emoji names from English into `language`, prompts without the target language."""
+def _emoji_names(domain: str, language: str, prompt: str = "Emoji name: {}") -> list[Record]:
+    """Emoji names from English into `language` (Unicode CLDR names as the emoji package ships them)."""
     root = _domain_dir(domain, "emoji") / "unicode_codes"
     english = json.loads((root / "emoji.json").read_text(encoding="utf-8"))
     target = json.loads((root / f"emoji_{language}.json").read_text(encoding="utf-8"))
     records = []
     for char, entry in english.items():
         source, name = _emoji_name(entry.get("en", "")), _emoji_name(target.get(char, ""))
+        # skin-tone variants repeat their base emoji's name almost word for word: a split would leak through them
         if source and name and source.lower() != name.lower() and "skin tone" not in source:
-            records.append({"prompt": f"Emoji name: {source}", "response": name})
+            records.append({"prompt": prompt.format(source), "response": name})
     return records
 
 
@@ -152,17 +153,8 @@ def _emoji_name(code: str) -> str:
 
 
 def _spanish() -> list[Record]:
-    """Emoji names from English into Spanish (Unicode CLDR names as the emoji package ships them)."""
-    root = _domain_dir("spanish", "emoji") / "unicode_codes"
-    english = json.loads((root / "emoji.json").read_text(encoding="utf-8"))
-    spanish = json.loads((root / "emoji_es.json").read_text(encoding="utf-8"))
-    records = []
-    for char, entry in english.items():
-        source, target = _emoji_name(entry.get("en", "")), _emoji_name(spanish.get(char, ""))
-        # skin-tone variants repeat their base emoji's name almost word for word: a split would leak through them
-        if source and target and source.lower() != target.lower() and "skin tone" not in source:
-            records.append({"prompt": f"Translate this emoji name into Spanish: {source}", "response": target})
-    return records
+    """Emoji names from English into Spanish."""
+    return _emoji_names("spanish", "es", "Translate this emoji name into Spanish: {}")
 
 
 def _regions() -> list[Record]:
