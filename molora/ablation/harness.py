@@ -226,6 +226,9 @@ def run_ablation(
     started = time.perf_counter()
     # the runs already done, in the tables from the start (the pool reaches them only when a worker is free)
     results: list[dict] = finished(ablation, out)
+    done_before = {(r["variant"], r["seed"]) for r in results}
+    if done_before:
+        print(f"[ablation] {len(done_before)} runs already done in {out}: skipped", flush=True)
     lock = threading.Lock()  # jobs > 1: runs finish on several threads; one writes the tables at a time
 
     def launch(variant: str, spec: dict[str, Any], seed: int, row: str) -> dict:
@@ -234,6 +237,8 @@ def run_ablation(
         result = run_one(variant, spec, seed, folder, inline, threads, train=trains)
         if result is None:  # report_only, not run yet
             return {"variant": variant, "seed": seed, "status": "pending"}
+        if (variant, seed) in done_before:  # in the tables already, and announced as skipped
+            return result
         with lock:
             if not any(r["variant"] == variant and r["seed"] == seed for r in results):
                 results.append(result)

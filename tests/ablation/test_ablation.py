@@ -44,7 +44,9 @@ def write(spec, path):
     return path
 
 
-def test_every_row_runs_every_seed_grid_rows_choose_on_validation_and_reruns_skip(tiny_spec, tmp_path, monkeypatch):
+def test_every_row_runs_every_seed_grid_rows_choose_on_validation_and_reruns_skip(
+    tiny_spec, tmp_path, monkeypatch, capsys
+):
     config = write(tiny_spec, tmp_path / "ablation.yaml")
     results = run_ablation(config, tmp_path / "out", quick=True, inline=True)
     runs = {(r["variant"], r["seed"]): r for r in results}
@@ -83,9 +85,12 @@ def test_every_row_runs_every_seed_grid_rows_choose_on_validation_and_reruns_ski
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(training, "train", no_training)
+    capsys.readouterr()
     again = run_ablation(config, tmp_path / "out", quick=True, inline=True)
     finished = sorted((r["variant"], r["seed"]) for r in results if r["status"] == "ok")
     assert sorted((r["variant"], r["seed"]) for r in again if r["status"] == "ok") == finished
+    printed = capsys.readouterr().out  # a finished run is counted once, not announced as if it had just run
+    assert f"[ablation] {len(finished)} runs already done" in printed and ": ok (" not in printed
     # --report-only: a third seed is pending, nothing trains, the tables hold what is finished
     reported = run_ablation(config, tmp_path / "out", quick=True, inline=True, seeds=3, report_only=True)
     assert sorted((r["variant"], r["seed"]) for r in reported) == finished
