@@ -3,7 +3,7 @@ where it beats the baseline on a suite its configuration was not chosen on.
 
 A row that was tuned on the bundled domains and beats PEFT there has shown that tuning works, not that the mixture
 helps: the claim a user buys is the one on domains nobody looked at. The rows' configurations were chosen on the
-suite whose domains the ablation file names (`chosen_on`); every other suite is held out.
+suite the file declares (`ablation.chosen_on`) or else the one whose domains it names; every other suite is held out.
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ CROSS_VERDICTS = {
 
 
 def chosen_on(config: str | Path) -> str:
-    """The suite whose domains the ablation file names: where its rows' configurations were chosen."""
-    domains = tuple((load_ablation(config).rows[0].spec.get("data") or {}).get("domains") or ())
+    """The suite the rows' configurations were chosen on: `ablation.chosen_on` where the file declares it (a file of
+    rows chosen elsewhere, run on another suite's domains), else the suite whose domains the file names."""
+    ablation = load_ablation(config)
+    if ablation.chosen_on is not None:
+        return ablation.chosen_on
+    domains = tuple((ablation.rows[0].spec.get("data") or {}).get("domains") or ())
     for name, suite in SUITES.items():
         if tuple(suite) == domains:
             return name

@@ -15,7 +15,7 @@ import yaml
 from molora.run.config import RunConfig, check_keys
 from molora.run.domains import SUITES
 
-SECTION_KEYS = ("rows", "quick", "seeds", "quick_seeds", "baseline", "match")
+SECTION_KEYS = ("rows", "quick", "seeds", "quick_seeds", "baseline", "match", "chosen_on")
 ROW_KEYS = ("name", "grid", "allow_unmatched", "compare_to", "model", "data", "molora", "train")
 
 
@@ -74,6 +74,7 @@ class Ablation:
     reference: str | None
     tolerance: float
     trained: set[str] | None = None  # rows that may train (None: all); the others only report finished runs
+    chosen_on: str | None = None  # the suite the rows' configurations were chosen on, where the file says so
 
 
 def load_ablation(
@@ -138,8 +139,12 @@ def load_ablation(
             raise ValueError(
                 f"{path}: row {row.name!r}: compare_to {row.compare_to!r} is not another row; rows: {names}"
             )
+    chosen = section.get("chosen_on")
+    if chosen is not None and chosen not in SUITES:
+        raise ValueError(f"{path}: ablation.chosen_on {chosen!r} is no suite; suites: {', '.join(SUITES)}")
     trained = None if only is None else rows_to_train(names, only, keep={baseline, reference}, path=path)
-    return Ablation(rows, list(range(count)), baseline, reference, float(match.get("tolerance", 0.02)), trained)
+    tolerance = float(match.get("tolerance", 0.02))
+    return Ablation(rows, list(range(count)), baseline, reference, tolerance, trained, chosen)
 
 
 def rows_to_train(names: list[str], only: list[str], keep: set[str | None], path: Path) -> set[str]:

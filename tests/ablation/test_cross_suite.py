@@ -79,6 +79,13 @@ def test_the_verdict_follows_the_held_out_suite_not_the_home_one(planted, tmp_pa
     assert chosen_on(swapped) == "heldout"
     entries = {e["row"]: e for e in cross_suite(swapped, folders)}
     assert entries["home-only"]["verdict"] == "win"  # beats on bundled, which is now the held-out suite
+    declared = tmp_path / "declared.yaml"  # the held-out suite's domains, the choice declared on bundled again
+    declared.write_text(swapped.read_text().replace("  baseline:", "  chosen_on: bundled\n  baseline:", 1))
+    assert chosen_on(declared) == "bundled"
+    assert {e["row"]: e for e in cross_suite(declared, folders)}["home-only"]["verdict"] == "no win"
+    declared.write_text(swapped.read_text().replace("  baseline:", "  chosen_on: elsewhere\n  baseline:", 1))
+    with pytest.raises(ValueError, match="chosen_on 'elsewhere' is no suite; suites: bundled"):
+        chosen_on(declared)
 
 
 def test_cross_verdict_by_hand():
