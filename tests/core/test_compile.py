@@ -68,4 +68,5 @@ def test_shared_routing_traces_as_one_graph_and_matches_eager(scope):
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     torch._dynamo.reset()
     expected = model(**batch).logits
-    assert torch.allclose(torch.compile(model)(**batch).logits, expected, atol=1e-4)
+    backend = "inductor" if scope == "input" else "aot_eager"  # the default backend's codegen once (~10 s), not twice
+    assert torch.allclose(torch.compile(model, backend=backend)(**batch).logits, expected, atol=1e-4)
