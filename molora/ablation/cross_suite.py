@@ -135,6 +135,7 @@ def cross_markdown(entries: list[dict], baseline: str | None, home: str, command
             s = e["suites"][suite]
             cells += [delta_cell(s.get("d_loss"), s["seeds"]), verdict_cell(s.get("d_loss"), s.get("verdict"))]
         lines.append("| " + " | ".join([*cells, f"**{e['verdict']}**"]) + " |")
+    lines += lever_lines(entries, suites)
     for suite in suites:
         domains = next((e["suites"][suite]["domains"] for e in entries if e["suites"][suite]["domains"]), [])
         if not domains:
@@ -146,6 +147,38 @@ def cross_markdown(entries: list[dict], baseline: str | None, home: str, command
             if d_domain:
                 lines.append(f"| {e['row']} | " + " | ".join(fmt(d_domain.get(d), True) for d in domains) + " |")
     return "\n".join(lines) + "\n"
+
+
+def lever_cell(lever: dict | None) -> str:
+    """A lever's Δ eval loss on one suite, and which way its interval points ("better": below zero)."""
+    d_loss = (lever or {}).get("d_loss")
+    if d_loss is None:
+        return "-"
+    if d_loss.half_width is None:
+        return str(d_loss)
+    way = "better" if d_loss.high < 0 else "worse" if d_loss.low > 0 else "tie"
+    return f"{d_loss} ({d_loss.n}) {way}"
+
+
+def lever_lines(entries: list[dict], suites: list[str]) -> list[str]:
+    """Each row against the row it changes one lever of (`compare_to`), on every suite: whether the lever carries over
+    from the suite it was chosen on, apart from how the row stands against the baseline."""
+    levers = [e for e in entries if any(s.get("lever") for s in e["suites"].values())]
+    if not levers:
+        return []
+    lines = [
+        "",
+        "## Levers: each row against the row it changes (Δ eval loss = row - that row, paired by seed)",
+        "",
+        "| row | against | " + " | ".join(f"Δ {s} (n)" for s in suites) + " |",
+        "|" + "---|" * (2 + len(suites)),
+    ]
+    for e in levers:
+        parent = next(s["lever"]["parent"] for s in e["suites"].values() if s.get("lever"))
+        lines.append(
+            f"| {e['row']} | {parent} | " + " | ".join(lever_cell(e["suites"][s].get("lever")) for s in suites) + " |"
+        )
+    return lines
 
 
 def write_cross_suite(

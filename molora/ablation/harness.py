@@ -240,8 +240,7 @@ def run_ablation(
         if (variant, seed) in done_before:  # in the tables already, and announced as skipped
             return result
         with lock:
-            if not any(r["variant"] == variant and r["seed"] == seed for r in results):
-                results.append(result)
+            results.append(result)  # each (variant, seed) launches once; finished ones returned above
             shown = f"eval {result['eval']['mean']['loss']:.3f}" if result["status"] == "ok" else result["error"]
             print(f"[ablation] {variant} seed {seed}: {result['status']} ({shown})", flush=True)
             write_outputs(ablation, results, counts, out, command, time.perf_counter() - started)

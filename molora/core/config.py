@@ -392,8 +392,8 @@ class MoLoRAConfig:
 
 
 # Keys an adapter config holds besides the fields, by format version (molora.files.formats lists the formats).
-_FILE_KEYS = {1: ("molora_version",), 2: ("molora_version", FORMAT_KEY, "sha256")}
-_FILE_KEYS[3] = _FILE_KEYS[2]
+_CHECKSUMMED_KEYS = ("molora_version", FORMAT_KEY, "sha256")  # format 2 on
+_FILE_KEYS = {1: ("molora_version",), 2: _CHECKSUMMED_KEYS, 3: _CHECKSUMMED_KEYS}
 
 
 def read_config_file(path: Path) -> tuple[MoLoRAConfig, dict[str, Any]]:

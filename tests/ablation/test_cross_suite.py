@@ -104,6 +104,8 @@ def test_the_cross_suite_command_writes_its_table_and_names_bad_arguments(plante
     assert ablate_main([*args, str(out)]) == 0
     table = (out / "cross_suite.md").read_text()
     assert "| both | 100 | -0.050 ± 0.005 (3) | beats | -0.040 ± 0.005 (3) | beats | **win** |" in table
+    # the lever (topk in place of softmax) by hand: bundled -0.05 - -0.05 = 0 on every seed; heldout -0.04 - 0.0
+    assert "| both | home-only | +0.000 ± 0.000 (3) tie | -0.040 ± 0.000 (3) better |" in table
     assert ablate_main(["--config", str(config), "--cross-suite", "bundled", "--output-dir", str(out)]) == 2
     assert "SUITE=FOLDER" in capsys.readouterr().err
     assert ablate_main(["--config", str(config), "--cross-suite", f"moon={tmp_path}", "--output-dir", str(out)]) == 2
