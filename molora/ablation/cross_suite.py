@@ -3,7 +3,9 @@ where it beats the baseline on a suite its configuration was not chosen on.
 
 A row that was tuned on the bundled domains and beats PEFT there has shown that tuning works, not that the mixture
 helps: the claim a user buys is the one on domains nobody looked at. The rows' configurations were chosen on the
-suite the file declares (`ablation.chosen_on`) or else the one whose domains it names; every other suite is held out.
+suite the file declares (`ablation.chosen_on`) or else the one whose domains it names; every other suite is held out,
+but for a row that names suites it was also shaped on (a row's own `chosen_on`: a layout made after seeing one
+suite's results).
 """
 
 from __future__ import annotations
@@ -42,11 +44,11 @@ def chosen_on(config: str | Path) -> str:
     )
 
 
-def cross_verdict(verdicts: dict[str, str | None], home: str) -> str:
-    """verdicts: {suite: "beats" | "tie" | "worse" | None (fewer than 2 seeds)}; home: the suite of the choice."""
+def cross_verdict(verdicts: dict[str, str | None], homes: set[str]) -> str:
+    """verdicts: {suite: "beats" | "tie" | "worse" | None (fewer than 2 seeds)}; homes: the suites of the choice."""
     if any(v == "worse" for v in verdicts.values()):
         return "loses"
-    held_out = {s: v for s, v in verdicts.items() if s != home}
+    held_out = {s: v for s, v in verdicts.items() if s not in homes}
     if not held_out or any(v is None for v in held_out.values()):
         return "not run"
     if held_out and all(v == "beats" for v in held_out.values()):
@@ -89,8 +91,8 @@ def cross_suite(
         if not any(found["seeds"] for found in entry["suites"].values()):
             continue  # a row of the file that has run nowhere yet
         verdicts = {s: e.get("verdict") for s, e in entry["suites"].items()}
-        entry["verdict"] = cross_verdict(verdicts, home)
-        entry["home"] = home
+        entry["homes"] = [home, *(s for s in row.chosen_on if s != home)]
+        entry["verdict"] = cross_verdict(verdicts, set(entry["homes"]))
         entries.append(entry)
     return entries
 
@@ -118,7 +120,13 @@ def cross_markdown(entries: list[dict], baseline: str | None, home: str, command
         "",
         f"Command: `{command}`. The rows' configurations were chosen on `{home}`; "
         + ", ".join(f"`{s}`" for s in suites if s != home)
-        + f" held out. Δ: row - `{baseline}` mean eval loss, paired by seed, mean ± 95 % t interval (n seeds); "
+        + " held out"
+        + (
+            " (a row may name suites it was also chosen on: none of them is held out for it). "
+            if any(len(e["homes"]) > 1 for e in entries)
+            else ". "
+        )
+        + f"Δ: row - `{baseline}` mean eval loss, paired by seed, mean ± 95 % t interval (n seeds); "
         "per suite, `beats` when the interval lies below zero and no domain is worse beyond its own interval. "
         "(to resolve): the seeds whose interval would exclude zero if the mean and spread stayed as measured (>30: "
         "a difference this small against this spread needs more than 30); with 3 seeds the interval is wide "
@@ -130,7 +138,9 @@ def cross_markdown(entries: list[dict], baseline: str | None, home: str, command
         "|" + "---|" * (3 + 2 * len(suites)),
     ]
     for e in entries:
-        cells = [e["row"], fmt(next((s["params"] for s in e["suites"].values() if s.get("params")), None))]
+        shaped = [f"`{s}`" for s in e["homes"][1:]]
+        name = e["row"] + (f" (also chosen on {', '.join(shaped)})" if shaped else "")
+        cells = [name, fmt(next((s["params"] for s in e["suites"].values() if s.get("params")), None))]
         for suite in suites:
             s = e["suites"][suite]
             cells += [delta_cell(s.get("d_loss"), s["seeds"]), verdict_cell(s.get("d_loss"), s.get("verdict"))]

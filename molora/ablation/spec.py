@@ -16,7 +16,7 @@ from molora.run.config import RunConfig, check_keys
 from molora.run.domains import SUITES
 
 SECTION_KEYS = ("rows", "quick", "seeds", "quick_seeds", "baseline", "match", "chosen_on")
-ROW_KEYS = ("name", "grid", "allow_unmatched", "compare_to", "model", "data", "molora", "train")
+ROW_KEYS = ("name", "grid", "allow_unmatched", "compare_to", "chosen_on", "model", "data", "molora", "train")
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -47,6 +47,9 @@ class Row:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     allow_unmatched: bool = False
     compare_to: str | None = None  # the row this one changes one lever of: its effect is reported paired by seed
+    # suites this row was shaped on besides the file's (a layout made after seeing one suite's results): none of
+    # them counts towards its cross-suite win
+    chosen_on: tuple[str, ...] = ()
 
     @property
     def trains(self) -> bool:
@@ -113,12 +116,13 @@ def load_ablation(
             raise ValueError(f"{path}: row {name!r}: grid must map section.key to a non-empty list, got {grid!r}")
         allow = bool(raw.pop("allow_unmatched", False))
         compare_to = raw.pop("compare_to", None)
+        row_chosen_on = _suites(raw.pop("chosen_on", None) or (), f"{path}: row {name!r}: chosen_on")
         merged = deep_merge(spec, raw)
         if quick:
             merged = deep_merge(merged, section.get("quick") or {})
         if suite is not None:
             merged = deep_merge(merged, {"data": {"domains": list(SUITES[suite])}})
-        row = Row(name, merged, grid, allow, compare_to)
+        row = Row(name, merged, grid, allow, compare_to, row_chosen_on)
         for _, variant in row.variants():
             check_keys(variant)
             RunConfig.from_dict(variant)  # every value valid before the first run starts
@@ -145,6 +149,14 @@ def load_ablation(
     trained = None if only is None else rows_to_train(names, only, keep={baseline, reference}, path=path)
     tolerance = float(match.get("tolerance", 0.02))
     return Ablation(rows, list(range(count)), baseline, reference, tolerance, trained, chosen)
+
+
+def _suites(value: Any, what: str) -> tuple[str, ...]:
+    """A suite name or a list of them, each checked against molora.run.domains.SUITES."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n in SUITES for n in names):
+        raise ValueError(f"{what} {value!r} is no suite or list of suites; suites: {', '.join(SUITES)}")
+    return tuple(names)
 
 
 def rows_to_train(names: list[str], only: list[str], keep: set[str | None], path: Path) -> set[str]:

@@ -89,12 +89,30 @@ def test_the_verdict_follows_the_held_out_suite_not_the_home_one(planted, tmp_pa
 
 
 def test_cross_verdict_by_hand():
-    assert cross_verdict({"bundled": "beats", "heldout": "beats"}, "bundled") == "win"
-    assert cross_verdict({"bundled": "tie", "heldout": "beats"}, "bundled") == "win"
-    assert cross_verdict({"bundled": "beats", "heldout": "tie"}, "bundled") == "no win"
-    assert cross_verdict({"bundled": "beats", "heldout": None}, "bundled") == "not run"
-    assert cross_verdict({"bundled": "beats"}, "bundled") == "not run"
-    assert cross_verdict({"bundled": "worse", "heldout": "beats"}, "bundled") == "loses"
+    assert cross_verdict({"bundled": "beats", "heldout": "beats"}, {"bundled"}) == "win"
+    assert cross_verdict({"bundled": "tie", "heldout": "beats"}, {"bundled"}) == "win"
+    assert cross_verdict({"bundled": "beats", "heldout": "tie"}, {"bundled"}) == "no win"
+    assert cross_verdict({"bundled": "beats", "heldout": None}, {"bundled"}) == "not run"
+    assert cross_verdict({"bundled": "beats"}, {"bundled"}) == "not run"
+    assert cross_verdict({"bundled": "worse", "heldout": "beats"}, {"bundled"}) == "loses"
+    assert cross_verdict({"bundled": "beats", "heldout": "beats"}, {"bundled", "heldout"}) == "not run"  # none held out
+
+
+def test_a_row_shaped_on_a_suite_cannot_win_there(planted, tmp_path):
+    """`both` wins (the first test); named as also chosen on heldout, nothing is held out for it any more."""
+    _, folders = planted
+    shaped = tmp_path / "shaped.yaml"
+    shaped.write_text(CONFIG.replace("compare_to: home-only}", "compare_to: home-only, chosen_on: [heldout]}"))
+    assert load_ablation(shaped).rows[2].chosen_on == ("heldout",)
+    entries = {e["row"]: e for e in cross_suite(shaped, folders)}
+    assert entries["both"]["verdict"] == "not run" and entries["home-only"]["verdict"] == "no win"
+    args = ["--config", str(shaped), "--cross-suite", *(f"{s}={f}" for s, f in folders.items())]
+    assert ablate_main([*args, "--output-dir", str(tmp_path / "x")]) == 0
+    assert "| both (also chosen on `heldout`) | 100 |" in (tmp_path / "x" / "cross_suite.md").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CONFIG.replace("compare_to: home-only}", "compare_to: home-only, chosen_on: moon}"))
+    with pytest.raises(ValueError, match="row 'both': chosen_on 'moon' is no suite or list of suites; suites: bundled"):
+        load_ablation(bad)
 
 
 def test_the_cross_suite_command_writes_its_table_and_names_bad_arguments(planted, tmp_path, capsys):
