@@ -92,7 +92,10 @@ class MoLoRAModel(nn.Module):
         prompt_mask = prompt_mask_tensor(prompt_mask)
         router = self.molora_config.router
         if ROUTERS[router].needs_task_ids and task_ids is None and needs_task_ids:
-            raise ValueError(f"router={router!r} needs task_ids ([batch] ints) in forward()/generate()")
+            raise ValueError(
+                f"router={router!r} needs task_ids ([batch] ints) in forward()/generate(): each example's domain "
+                "as its place in the run's data.domains (the task_id column of the run's summary.md)"
+            )
         if shape is not None:
             check_batch(task_ids, prompt_mask, shape, generating)
         # (not while torch.compile traces: a data-dependent branch would split the graph)

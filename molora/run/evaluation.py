@@ -149,19 +149,20 @@ def write_summary(
         f"model `{config.model.name}`, {describe(config)}, {steps} steps, "
         f"{trainable:,} trainable parameters, {seconds / 60:.1f} min",
         "",
-        "| domain | eval loss before | eval loss after | ppl before | ppl after |",
-        "|---|---|---|---|---|",
+        # task_id: the domain's place in data.domains, what model(..., task_ids=...) and generate() take
+        "| domain | task_id | eval loss before | eval loss after | ppl before | ppl after |",
+        "|---|---|---|---|---|---|",
     ]
 
     def shown(results: dict, name: str, key: str, form: str) -> str:
         return format(results[name][key], form) if name in results else "-"  # no step-0 eval: train.eval_at_start
 
-    for name in [k for k in after if k != "mean"]:
+    for task_id, name in enumerate(k for k in after if k != "mean"):
         lines.append(
-            f"| {name} | {shown(before, name, 'loss', '.3f')} | {after[name]['loss']:.3f} | "
+            f"| {name} | {task_id} | {shown(before, name, 'loss', '.3f')} | {after[name]['loss']:.3f} | "
             f"{shown(before, name, 'ppl', '.1f')} | {after[name]['ppl']:.1f} |"
         )
-    lines.append(f"| **mean** | {shown(before, 'mean', 'loss', '.3f')} | {after['mean']['loss']:.3f} | | |")
+    lines.append(f"| **mean** | | {shown(before, 'mean', 'loss', '.3f')} | {after['mean']['loss']:.3f} | | |")
     atomic_write_text(run_dir / "summary.md", "\n".join(lines) + "\n")
 
 

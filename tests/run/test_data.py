@@ -162,7 +162,7 @@ def test_the_suites_partition_the_builtin_domains_and_a_suite_name_expands():
     assert DataConfig().domains == list(SUITES["bundled"])  # the default is the suite the choices were made on
     assert DataConfig(domains="heldout").domains == ["phonetics", "spanish", "regions"]
     assert DataConfig(domains="news").domains == ["news"]  # a domain name stays a domain
-    suites = r"suites: \['bundled', 'conflict', 'heldout'\]"
+    suites = r"suites: \['bundled', 'conflict', 'conflict-iso', 'heldout'\]"
     with pytest.raises(ValueError, match=r"unknown domain\(s\) \['held'\].*" + suites):
         DataConfig(domains="held")
 
@@ -178,8 +178,14 @@ def test_heldout_domains_hold_what_their_prompts_ask_for():
 
 
 def test_conflict_pairs_ask_the_same_prompts_and_answer_them_differently():
-    records = load_records(DataConfig(domains="conflict"))
-    for first, second in (("arpabet", "syllables"), ("emoji-es", "emoji-fr")):
+    records = load_records(DataConfig(domains="conflict")) | load_records(DataConfig(domains="conflict-iso"))
+    pairs = (
+        ("arpabet", "syllables"),
+        ("emoji-es", "emoji-fr"),
+        ("region-code", "region-type"),
+        ("language-code", "language-type"),
+    )
+    for first, second in pairs:
         answers = {r["prompt"]: r["response"] for r in records[second]}
         shared = [r for r in records[first] if r["prompt"] in answers]
         assert len(shared) > 0.9 * len(records[first])  # the same prompts ...
@@ -190,3 +196,11 @@ def test_conflict_pairs_ask_the_same_prompts_and_answer_them_differently():
     assert not arpabet & phonetics  # other words than the held-out suite's
     hand = {"agriculturalist": "6", "ekkehard": "2"}  # counted by hand from their ARPAbet vowels
     assert {w: syllables[w] for w in hand} == hand
+    hand = {  # from the ISO 3166-2 and 639-3 tables
+        "region-code": {"Region: Bayern (Germany)": "DE-BY"},
+        "region-type": {"Region: Bayern (Germany)": "Land"},
+        "language-code": {"Language: Esperanto": "epo", "Language: Ghotuo": "aaa"},
+        "language-type": {"Language: Esperanto": "constructed", "Language: Ghotuo": "living"},
+    }
+    for domain, expected in hand.items():
+        assert {r["prompt"]: r["response"] for r in records[domain] if r["prompt"] in expected} == expected

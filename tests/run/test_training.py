@@ -75,7 +75,8 @@ def test_training_lowers_eval_loss_and_writes_the_run_folder(tiny, tmp_path):
     assert [r["step"] for r in lines if r["type"] == "eval"] == [0, 20, 40]
     assert train_lines[0]["aux/balance"] >= 0.99  # the balance loss is never below 1 for top-k routing
     assert json.loads((run / "eval.json").read_text())["after"]["upper"]["loss"] == result["after"]["upper"]["loss"]
-    assert "| upper |" in (run / "summary.md").read_text()
+    summary = (run / "summary.md").read_text()
+    assert "| upper | 0 |" in summary and "| reverse | 1 |" in summary  # the task_id a task router needs
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000020", "step-000040"]
 
 
