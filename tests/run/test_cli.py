@@ -91,3 +91,24 @@ def test_the_installed_commands_answer_help(command):
     assert script.exists(), f"{command} is not installed beside {sys.executable}: pip install -e ."
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("config", "row"), [("quickstart.yaml", "mixlora"), ("task_ffn.yaml", "task-ffn[lr=0.001]")])
+def test_a_shipped_config_is_the_ablation_row_it_reports(config, row):
+    """The README quotes the ablation's figures for these configs: their adapter and optimiser settings are the
+    row's (the variant chosen on bundled), so a change to either shows up here instead of in a stale figure."""
+    from molora.ablation.harness import load_ablation
+
+    variants = dict(
+        v for r in load_ablation(Path(__file__).parents[2] / "configs" / "ablation.yaml").rows for v in r.variants()
+    )
+    measured = RunConfig.from_dict(variants[row])
+    shipped = load_run_config(Path(__file__).parents[2] / "configs" / config)
+    assert shipped.molora == measured.molora
+    assert (shipped.model, shipped.train.lr, shipped.train.router_lr_scale, shipped.train.steps) == (
+        measured.model,
+        measured.train.lr,
+        measured.train.router_lr_scale,
+        measured.train.steps,
+    )
+    assert shipped.data.domains == measured.data.domains
