@@ -161,23 +161,30 @@ def _spanish() -> list[Record]:
     return _emoji_names("spanish", "es", "Translate this emoji name into Spanish: {}")
 
 
+def _iso_table(domain: str, name: str) -> list[dict]:
+    path = _domain_dir(domain, "pycountry") / "databases" / f"iso{name}.json"
+    return json.loads(path.read_text(encoding="utf-8"))[name]
+
+
+def _subdivisions_with_country(domain: str) -> list[tuple[dict, str]]:
+    """ISO 3166-2 subdivisions whose country ISO 3166-1 names, each with that country's name."""
+    countries = {c["alpha_2"]: c["name"] for c in _iso_table(domain, "3166-1")}
+    return [
+        (region, countries[region["code"].split("-")[0]])
+        for region in _iso_table(domain, "3166-2")
+        if region["code"].split("-")[0] in countries
+    ]
+
+
 def _regions() -> list[Record]:
     """ISO 3166-2 subdivisions: a region and its country in, its code and type out as JSON."""
-    root = _domain_dir("regions", "pycountry") / "databases"
-    countries = {
-        c["alpha_2"]: c["name"] for c in json.loads((root / "iso3166-1.json").read_text(encoding="utf-8"))["3166-1"]
-    }
-    records = []
-    for region in json.loads((root / "iso3166-2.json").read_text(encoding="utf-8"))["3166-2"]:
-        country = countries.get(region["code"].split("-")[0])
-        if country is not None:
-            records.append(
-                {
-                    "prompt": f"Give the ISO 3166-2 code and type of {region['name']} ({country}) as JSON.",
-                    "response": json.dumps({"code": region["code"], "type": region["type"]}),
-                }
-            )
-    return records
+    return [
+        {
+            "prompt": f"Give the ISO 3166-2 code and type of {region['name']} ({country}) as JSON.",
+            "response": json.dumps({"code": region["code"], "type": region["type"]}),
+        }
+        for region, country in _subdivisions_with_country("regions")
+    ]
 
 
 # A second conflict suite, from other data (ISO standards as pycountry ships them) and added after the first one's
@@ -185,18 +192,11 @@ def _regions() -> list[Record]:
 LANGUAGE_TYPES = {"L": "living", "E": "extinct", "H": "historical", "A": "ancient", "C": "constructed", "S": "special"}
 
 
-def _iso_table(domain: str, name: str) -> list[dict]:
-    path = _domain_dir(domain, "pycountry") / "databases" / f"iso{name}.json"
-    return json.loads(path.read_text(encoding="utf-8"))[name]
-
-
 def _subdivisions(domain: str, answer: str) -> list[Record]:
     """ISO 3166-2: 'Region: <name> (<country>)' answered with its code or its type (State, Province, ...)."""
-    countries = {c["alpha_2"]: c["name"] for c in _iso_table(domain, "3166-1")}
     return [
-        {"prompt": f"Region: {r['name']} ({countries[r['code'].split('-')[0]]})", "response": r[answer]}
-        for r in _iso_table(domain, "3166-2")
-        if r["code"].split("-")[0] in countries
+        {"prompt": f"Region: {region['name']} ({country})", "response": region[answer]}
+        for region, country in _subdivisions_with_country(domain)
     ]
 
 
