@@ -12,6 +12,7 @@ import importlib.abc
 import importlib.util
 import sys
 
+from molora.core.base_layers import BASE_LAYERS, prepare_for_kbit_training, register_base_layer
 from molora.core.config import MoLoRAConfig
 from molora.core.experts import LoRAExperts, Rank1Experts
 from molora.core.layer import MoLoRALinear
@@ -91,6 +92,7 @@ sys.meta_path.append(_MovedModuleFinder())
 
 __all__ = [
     "AUX_LOSSES",
+    "BASE_LAYERS",
     "ROUTERS",
     "InjectionReport",
     "LoRAExperts",
@@ -105,6 +107,8 @@ __all__ = [
     "export_peft",
     "from_peft_adapters",
     "get_molora_model",
+    "prepare_for_kbit_training",
     "register_aux_loss",
+    "register_base_layer",
     "register_router",
 ]

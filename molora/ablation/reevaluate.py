@@ -25,14 +25,14 @@ def reevaluate_run(spec: dict[str, Any], run_dir: Path, splits: dict | None = No
     """{"eval": ..., "val": ...} of a finished run's adapter on the splits `spec` describes. `splits` caches the
     tokenised data across runs that share the model and data settings (the eval and validation splits do not depend
     on the run's seed)."""
-    from molora.run.base_models import load_base
+    from molora.run.base_models import load_run_base
     from molora.run.data import MultiDomainData
     from molora.run.evaluation import evaluate
     from molora.run.setup import build_model, load_adapter_weights, setup_distributed
 
     config = RunConfig.from_dict(spec)
     _, _, device = setup_distributed()
-    base, tokenizer = load_base(config.model.name, task=config.model.task)  # fresh: the adapter is injected into it
+    base, tokenizer = load_run_base(config, device)  # fresh: the adapter is injected into it
     key = json.dumps([config.model.name, spec.get("data")], sort_keys=True)
     splits = {} if splits is None else splits
     if key not in splits:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from molora.core.base_layers import is_plain_linear
 from molora.core.context import current_context, in_backward
 from molora.core.experts import Experts
 from molora.core.positions import ROLES, Site, as_sequences, sequence_first, state_slot
@@ -198,7 +199,7 @@ class MoLoRALinear(nn.Module):
         x3, inputs = self.sequences(x)
         flat_x = x3.reshape(-1, x3.shape[-1])
         # A 2-D nn.Linear output is a fresh tensor that its backward does not need: the experts add into it in place.
-        plain_linear = type(self.base_layer) is nn.Linear and not args and not kwargs
+        plain_linear = is_plain_linear(self.base_layer) and not args and not kwargs
         result = self.base_layer(flat_x) if plain_linear else self.base_layer(x, *args, **kwargs)
         if not isinstance(result, torch.Tensor) or result.shape[-1] != self.out_features:
             got = f"shape {list(result.shape)}" if isinstance(result, torch.Tensor) else f"a {type(result).__name__}"

@@ -13,18 +13,13 @@ import torch
 from torch import nn
 
 from molora.core.allocation import describe_preset, is_preset, layer_index
+from molora.core.base_layers import PLAIN_FORWARDS, base_kind, unsupported_reason
 from molora.core.config import ALL_LINEAR, MoLoRAConfig, pattern_lookup
 from molora.core.experts import EXPERTS, RankGates, build_experts
 from molora.core.layer import LayerSpec, MoLoRALinear
 from molora.core.losses import AUX_LOSSES
 from molora.core.routers import ROUTERS
 
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, this only guards odd installs
-    Conv1D = None
-
-SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
 _CROSS_ATTENTION_INPUTS = re.compile(
     r".*(?:EncDecAttention\.(?:k|v)|encoder_attn\.(?:k_proj|v_proj)|crossattention\.self\.(?:key|value))"
 )
@@ -112,14 +107,17 @@ def _role(model: nn.Module, name: str) -> str:
 
 
 def _features(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    d_in, d_out = module.weight.shape  # Conv1D stores [in, out]
-    return d_in, d_out
+    return base_kind(module).features(module)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """A linear layer of a kind molora knows (molora.core.base_layers), or an nn.Linear subclass it does not (a
+    quantized linear of another library): 'all-linear' considers both, and leaves the second out by name."""
+    return base_kind(module) is not None or isinstance(module, nn.Linear)
 
 
 def _no_match_error(field_name: str, target: str, model: nn.Module) -> ValueError:
-    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, SUPPORTED_TYPES)})
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if base_kind(m) is not None})
     return ValueError(
         f"{field_name}: {target!r} matches no module in {type(model).__name__}; "
         f"linear modules it has include: {leaves[:12]}"
@@ -127,11 +125,15 @@ def _no_match_error(field_name: str, target: str, model: nn.Module) -> ValueErro
 
 
 def _computes_its_linear_map(module: nn.Module) -> bool:
-    """Whether a linear module's forward maps [..., in] to the [..., out] tensor the experts add to: nn.Linear's and
-    Conv1D's do; a subclass with a forward of its own is run once on the meta device (no memory, no compute) and must
-    give that tensor there (Llama 4's MoE router returns a tuple, DeepSeek-V4's grouped linear reads its input in
+    """Whether a linear module's forward maps [..., in] to the [..., out] tensor the experts add to: nn.Linear's,
+    Conv1D's and the quantized kinds' do (molora.core.base_layers), an unknown quantized linear is not trusted to; a
+    subclass with a forward of its own is run once on the meta device (no memory, no compute) and must give that
+    tensor there (Llama 4's MoE router returns a tuple, DeepSeek-V4's grouped linear reads its input in
     groups)."""
-    if any(type(module).forward is kind.forward for kind in SUPPORTED_TYPES):
+    kind = base_kind(module)
+    if kind is None:
+        return False
+    if type(module).forward in PLAIN_FORWARDS or kind.quantized:
         return True
     d_in, d_out = _features(module)
     meta = {n: torch.empty_like(t, device="meta") for n, t in [*module.named_parameters(), *module.named_buffers()]}
@@ -143,12 +145,13 @@ def _computes_its_linear_map(module: nn.Module) -> bool:
 
 
 def all_linear_names(model: nn.Module) -> tuple[list[str], list[str]]:
-    """target_modules='all-linear' as PEFT resolves it, every nn.Linear and Conv1D but the module that
-    get_output_embeddings() returns (the LM head, tied to the input embeddings or not), and the names left out of it:
-    linear subclasses whose forward is not their linear map (PEFT adapts them, and the forward fails)."""
+    """target_modules='all-linear' as PEFT resolves it, every linear (nn.Linear, Conv1D, a quantized linear) but the
+    module that get_output_embeddings() returns (the LM head, tied to the input embeddings or not), and the names left
+    out of it: linear subclasses whose forward is not their linear map (PEFT adapts them, and the forward fails) and
+    quantized linears of a kind molora does not know."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    linear = [(n, m) for n, m in model.named_modules() if n and isinstance(m, SUPPORTED_TYPES) and m is not head]
+    linear = [(n, m) for n, m in model.named_modules() if n and _is_linear(m) and m is not head]
     left_out = [n for n, m in linear if not _computes_its_linear_map(m)]
     return [n for n, _ in linear if n not in set(left_out)], left_out
 
@@ -175,11 +178,8 @@ def find_targets(model: nn.Module, config: MoLoRAConfig) -> tuple[list[tuple[str
     named = [(n, m) for n, m in model.named_modules() if n]
     matched = _matched_targets(model, named, config.target_modules)
     for name, module in matched:
-        if not isinstance(module, SUPPORTED_TYPES):
-            raise ValueError(
-                f"target_modules matched {name!r} of type {type(module).__name__}; only nn.Linear and "
-                "transformers' Conv1D can hold experts"
-            )
+        if base_kind(module) is None:
+            raise ValueError(f"target_modules matched {name!r}: {unsupported_reason(module)}")
     excluded = [n for n, _ in matched if config.exclude_modules is not None and _matches(config.exclude_modules, n)]
     kept = [(n, m) for n, m in matched if n not in set(excluded)]
     if not kept:

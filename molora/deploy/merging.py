@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
+from molora.core.base_layers import base_kind
 from molora.core.routers import ROUTERS, RouterInputs
 
 if TYPE_CHECKING:
@@ -78,9 +78,10 @@ def merged_delta(layer: MoLoRALinear, fixed_gates: torch.Tensor) -> torch.Tensor
 @torch.no_grad()
 def merged_weight(layer: MoLoRALinear, fixed_gates: torch.Tensor) -> torch.Tensor:
     """The base weight with the fixed mixture added, in the base layer's layout and dtype (a new tensor)."""
+    check_mergeable([(layer.layer_name, layer)])
     delta = merged_delta(layer, fixed_gates)
     weight = layer.base_layer.weight
-    if not isinstance(layer.base_layer, nn.Linear):  # transformers' Conv1D stores [d_in, d_out]
+    if base_kind(layer.base_layer).weight_layout == "in_out":  # transformers' Conv1D stores [d_in, d_out]
         delta = delta.T
     return weight + delta.to(weight.dtype)
 
@@ -153,11 +154,23 @@ def resolve_fixed_gates(
 
 
 @torch.no_grad()
+def check_mergeable(layers: Sequence[tuple[str, MoLoRALinear]]) -> None:
+    """A ValueError, before any weight changes, naming the modules whose base weight cannot take a fixed mixture and
+    why (a quantized base: molora.core.base_layers)."""
+    refused = [(name, kind) for name, layer in layers if (kind := base_kind(layer.base_layer)).merge_refusal]
+    if refused:
+        more = f" and {len(refused) - 8} more" if len(refused) > 8 else ""
+        names = ", ".join(name for name, _ in refused[:8]) + more
+        kind = refused[0][1]
+        raise ValueError(f"cannot merge into {names} ({kind.description}): {kind.merge_refusal}")
+
+
 def merge_fixed_gates(
     layers: Sequence[tuple[str, MoLoRALinear]], gates: dict[str, torch.Tensor], safe_merge: bool = False
 ) -> None:
     """Write each module's fixed mixture into its base weight. safe_merge: first compute every merged weight and
     refuse, changing none, if any holds NaN or inf (a half-precision base can overflow where fp32 experts did not)."""
+    check_mergeable(layers)
     if safe_merge:
         broken = [name for name, layer in layers if not torch.isfinite(merged_weight(layer, gates[name])).all()]
         if broken:

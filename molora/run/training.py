@@ -24,7 +24,7 @@ from molora.analysis.routing_report import write_report
 from molora.core.rank_gates import effective_ranks, scheduled_fraction, set_active_fraction
 from molora.core.recording import RoutingRecorder, health_summary
 from molora.model import MoLoRAModel
-from molora.run.base_models import load_base
+from molora.run.base_models import load_run_base
 from molora.run.checkpoint import NonFiniteError, RunLock, check_finite, checkpoint_folders, save_checkpoint
 from molora.run.config import RunConfig
 from molora.run.data import MultiDomainData
@@ -52,7 +52,7 @@ def prepare_run(config: RunConfig, run_dir: Path) -> Run:
     tcfg = config.train
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
-    base, tokenizer = load_base(config.model.name, task=config.model.task)
+    base, tokenizer = load_run_base(config, device)
     data = MultiDomainData(config.data, tokenizer, order_seed=tcfg.seed)
     model = build_model(base, config).to(device)
     if config.model.gradient_checkpointing:

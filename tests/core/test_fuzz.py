@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from molora import MoLoRAConfig, MoLoRALinear, get_molora_model
+from molora.core.base_layers import base_kind
 from molora.core.config import DISPATCHES, MIN_ROUTER_TEMPERATURE, ROUTING_SCOPES
 from molora.core.experts import EXPERTS
 from molora.core.losses import AUX_LOSSES
-from molora.core.patcher import SUPPORTED_TYPES
 from molora.core.pooling import POOLINGS
 from molora.core.routers import ROUTERS
 from tests.conftest import build_base, make_batch, outputs_of
@@ -34,7 +34,7 @@ NUM_LAYERS = 2  # build_base's models
 
 
 def _linear_names(arch: str) -> list[str]:
-    return [n for n, m in build_base(arch).named_modules() if isinstance(m, SUPPORTED_TYPES)]
+    return [n for n, m in build_base(arch).named_modules() if base_kind(m) is not None]
 
 
 LINEAR_NAMES = {arch: _linear_names(arch) for arch in ARCHS}
