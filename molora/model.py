@@ -349,14 +349,26 @@ class MoLoRAModel(nn.Module):
 
     # Save and load ----------------------------------------------------------------------------------------------
     def save_pretrained(
-        self, save_directory: str | Path, bits: int | None = None, push_to_hub: bool = False, **push_options: Any
+        self,
+        save_directory: str | Path,
+        bits: int | None = None,
+        push_to_hub: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        **push_options: Any,
     ) -> None:
         """The adapter (experts, routers) and its config; bits=8 stores the expert factors as int8 with scales.
+        state_dict: the tensors to write instead of the model's own (as PEFT takes it: a training loop that gathered
+        sharded ones whole).
 
         push_to_hub=True also uploads both files as one commit to `repo_id` (default: the folder's name), with
         push_to_hub()'s other options.
         """
-        state = self.adapter_state_dict() if bits is None else quantize_adapters(self, bits)
+        if state_dict is not None and bits is not None:
+            raise ValueError("give state_dict or bits, not both: bits quantizes the model's own tensors")
+        if bits is not None:
+            state = quantize_adapters(self, bits)
+        else:
+            state = state_dict if state_dict is not None else self.adapter_state_dict()
         write_adapter_files(Path(save_directory), state, self.molora_config)
         if push_to_hub:
             repo_id = push_options.pop("repo_id", None) or Path(save_directory).resolve().name

@@ -160,6 +160,15 @@ def read_adapter_tensors(
     return plain
 
 
+def _copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
+    """target <- source; a target sharded over processes (a DTensor, train.sharding=fsdp) takes its own part."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor) and not isinstance(source, DTensor):
+        source = distribute_tensor(source.to(target.device), target.device_mesh, target.placements)
+    target.copy_(source)
+
+
 def copy_adapter_state(
     expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], strict: bool
 ) -> AdapterLoadResult:
@@ -182,7 +191,7 @@ def copy_adapter_state(
         raise ValueError(str(result))
     with torch.no_grad():
         for key in result.loaded_keys:
-            expected[key].copy_(state[key])
+            _copy_into(expected[key], state[key])
     if not result.ok:
         warnings.warn(f"{result}\n(strict=False: those tensors keep their current values)", stacklevel=3)
     return result

@@ -24,7 +24,7 @@ from typing import Any
 from molora.version import __version__
 
 ADAPTER_FORMAT = 3
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3  # 3: every rank's random state (rng_ranks), not rank 0's alone
 FORMAT_KEY = "format_version"
 JSON_LIMIT_BYTES = 4 << 20  # a config for thousands of modules is well under 1 MiB
 UPGRADE = "pip install -U molora"

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from molora.files.formats import (
     CHECKPOINT_FORMAT,
@@ -87,7 +86,7 @@ def write_manifest(folder: Path, step: int) -> None:
 
 
 # The trainer state files of each checkpoint format (molora.files.formats lists the formats).
-STATE_FILES = {1: (LEGACY_NAME,), 2: (TENSORS_NAME, JSON_NAME)}
+STATE_FILES = {1: (LEGACY_NAME,), 2: (TENSORS_NAME, JSON_NAME), 3: (TENSORS_NAME, JSON_NAME)}
 
 
 def verify_checkpoint(folder: Path) -> dict[str, Any]:
@@ -135,13 +134,15 @@ def _listed_files(manifest: dict[str, Any], where: Path) -> dict[str, dict[str, 
     return files
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, save_adapter, state: dict[str, Any], step: int, keep: int) -> Path:
+def save_checkpoint(
+    run_dir: Path, adapter: dict[str, torch.Tensor], save_adapter, state: dict[str, Any], step: int, keep: int
+) -> Path:
     """checkpoints/step-N/: staged in a hidden folder, verified finite, fsynced, then renamed into place.
 
-    save_adapter(folder) writes the adapter files; state is the trainer state (molora.run.trainer_state).
+    adapter: the tensors save_adapter(folder) writes, checked finite first; state is the trainer state
+    (molora.run.trainer_state).
     """
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    check_finite(trainable, f"checkpoint at step {step}")
+    check_finite(adapter, f"checkpoint at step {step}")
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".step-", dir=root))

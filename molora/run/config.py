@@ -19,6 +19,7 @@ from molora.core.routers import ROUTERS
 from molora.run.data import DataConfig
 from molora.run.quantization import check_quantization
 from molora.run.reporting import REPORTERS
+from molora.run.sharding import SHARDINGS
 
 ADAPTERS = ("molora", "peft-lora", "none")
 
@@ -56,6 +57,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     max_grad_norm: float | None = 1.0
     bf16: bool = False
+    # "fsdp": the model sharded over the processes of a torchrun launch (FSDP2; molora.run.sharding)
+    sharding: str = "none"
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: only at start and end
@@ -102,6 +105,8 @@ class TrainConfig:
             check_rank_schedule(self.rank_schedule)
         if not self.rank_gate_lr > 0:
             raise ValueError(f"train.rank_gate_lr must be > 0, got {self.rank_gate_lr!r}")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"train.sharding must be one of {SHARDINGS}, got {self.sharding!r}")
 
 
 def _reporter_names(value: Any) -> list[str]:

@@ -24,6 +24,7 @@ from molora.run.checkpoint import (
 from molora.run.config import read_as_current
 from molora.run.reporting import open_reporters
 from molora.run.setup import load_adapter_weights
+from molora.run.sharding import shard_optimizer_state
 from molora.run.trainer_state import set_rng_state
 from molora.utils import atomic_write_text
 
@@ -63,12 +64,30 @@ def resume_from_checkpoint(run: Run) -> Progress:
     version = load_adapter_weights(run.model, point.folder)
     try:
         run.optimizer.load_state_dict(_moments_in_current_layout(run, point.state["optimizer"], version))
+        if run.sharded:  # the checkpoint holds whole moments; each rank keeps its parameters' part
+            shard_optimizer_state(run.optimizer)
         run.scheduler.load_state_dict(point.state["scheduler"])
-        set_rng_state(point.state["rng"])
+        set_rng_state(_own_rng_state(run, point.state))
     except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as err:
         raise CheckpointError(f"--resume: {point.folder}'s trainer state does not fit this run ({err})") from None
     run.say(f"resume: continuing from {point.folder.name}")
     return Progress(point.state["step"], point.state["eval_before"], point.state.get("bad_steps", 0))
+
+
+def _own_rng_state(run: Run, state: dict[str, Any]) -> dict[str, Any]:
+    """This rank's random state from the checkpoint; rank 0's where the checkpoint has no per-rank states (one
+    process, or a format before 3) or was written by another number of processes (said, since dropout and router
+    jitter then do not repeat the uninterrupted run on the other ranks)."""
+    ranks = state.get("rng_ranks")
+    if ranks is None:
+        return state["rng"]
+    if len(ranks) != run.world_size:
+        run.say(
+            f"resume: the checkpoint was written by {len(ranks)} processes and this run has {run.world_size}: every "
+            "process continues from rank 0's random state"
+        )
+        return state["rng"]
+    return ranks[run.rank]
 
 
 def _moments_in_current_layout(run: Run, saved: dict[str, Any], version: int | None) -> dict[str, Any]:

@@ -40,6 +40,10 @@ class Run:
         return self.rank == 0
 
     @property
+    def sharded(self) -> bool:
+        return self.config.train.sharding == "fsdp"
+
+    @property
     def routed(self) -> bool:
         return isinstance(self.model, MoLoRAModel)
 

@@ -23,7 +23,10 @@ TENSORS_NAME = "trainer_state.safetensors"
 JSON_NAME = "trainer_state.json"
 LEGACY_NAME = "trainer_state.pt"  # format 1
 TENSOR_REF = "__tensor__"
-STATE_KEYS = ("bad_steps", "config", "eval_before", "optimizer", "rng", "scheduler", "step")
+STATE_KEYS = ("bad_steps", "config", "eval_before", "optimizer", "rng", "rng_ranks", "scheduler", "step")
+# rng_ranks (format 3): each process's random state, in rank order (None for one process); before it, every rank
+# resumed with rank 0's, so dropout and router jitter on the other ranks did not repeat the uninterrupted run
+OPTIONAL_KEYS = ("rng_ranks",)
 JSON_LIMIT_BYTES = 16 << 20  # the run config and the optimizer's param groups; tensors are in the other file
 
 
@@ -88,7 +91,7 @@ def read_trainer_state(folder: Path, max_tensors: int) -> dict[str, Any]:
     unread beyond it)."""
     data = read_json(folder / JSON_NAME, "trainer state", JSON_LIMIT_BYTES)
     check_keys(data, STATE_KEYS, str(folder / JSON_NAME))
-    missing = sorted(set(STATE_KEYS) - set(data))
+    missing = sorted(set(STATE_KEYS) - set(OPTIONAL_KEYS) - set(data))
     if missing:
         raise TrainerStateError(f"{folder / JSON_NAME}: no {missing}")
     _, tensors = load_tensors(folder / TENSORS_NAME, max_tensors)
@@ -123,15 +126,25 @@ def _checked(state: dict[str, Any], where: Path) -> dict[str, Any]:
         optimizer["state"] = {int(key): value for key, value in optimizer["state"].items()}
     except ValueError:
         raise TrainerStateError(f"{where}: optimizer state is keyed by parameter index") from None
-    if not (isinstance(rng, dict) and set(rng) == {"torch", "python", "cuda"}):
-        raise TrainerStateError(f"{where}: rng must hold exactly torch, python and cuda")
-    python = rng["python"]
-    if not (isinstance(python, list) and len(python) == 3 and isinstance(python[1], list)):
-        raise TrainerStateError(f"{where}: rng.python is not a state of Python's random module")
+    _check_rng(rng, where, "rng")
+    ranks = state.setdefault("rng_ranks", None)
+    if ranks is not None:
+        if not (isinstance(ranks, list) and ranks):
+            raise TrainerStateError(f"{where}: rng_ranks must be a list of random states, one per rank")
+        for rank, rank_rng in enumerate(ranks):
+            _check_rng(rank_rng, where, f"rng_ranks.{rank}")
     for key in ("step", "bad_steps"):
         if type(state[key]) is not int or state[key] < 0:
             raise TrainerStateError(f"{where}: {key} must be a non-negative integer, got {state[key]!r}")
     return state
+
+
+def _check_rng(rng: Any, where: Path, name: str) -> None:
+    if not (isinstance(rng, dict) and set(rng) == {"torch", "python", "cuda"}):
+        raise TrainerStateError(f"{where}: {name} must hold exactly torch, python and cuda")
+    python = rng["python"]
+    if not (isinstance(python, list) and len(python) == 3 and isinstance(python[1], list)):
+        raise TrainerStateError(f"{where}: {name}.python is not a state of Python's random module")
 
 
 def read_legacy_trainer_state(path: Path) -> dict[str, Any]:
@@ -147,7 +160,7 @@ def read_legacy_trainer_state(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise TrainerStateError(f"{path}: a {type(state).__name__}, not a trainer state")
     check_keys(state, STATE_KEYS, str(path))
-    missing = sorted(set(STATE_KEYS) - set(state))
+    missing = sorted(set(STATE_KEYS) - set(OPTIONAL_KEYS) - set(state))
     if missing:
         raise TrainerStateError(f"{path}: no {missing}")
     check_finite_values(path, dict(_tensors_in(state, "")))

@@ -8,6 +8,7 @@ are averaged with all_reduce, and only rank 0 writes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -32,6 +33,7 @@ from molora.run.evaluation import CollapseAlarm, evaluate, peak_memory_mb, to_de
 from molora.run.reporting import check_reporters
 from molora.run.resume import Progress, open_run_folder, resume_from_checkpoint
 from molora.run.setup import build_model, lr_factor, make_optimizer, setup_distributed
+from molora.run.sharding import check_sharding, full, gathered_optimizer_state, shard_model, whole_adapter_state
 from molora.run.state import Run
 from molora.run.trainer_state import rng_state
 from molora.utils import atomic_write
@@ -49,6 +51,7 @@ def prepare_run(config: RunConfig, run_dir: Path) -> Run:
     """Seed, load the base model and data, build the adapter and its optimizer; writes nothing."""
     check_reporters(config.train.report_to)  # a missing package is named before the model loads
     rank, world_size, device = setup_distributed()
+    check_sharding(config.train.sharding, world_size, config.model.quantization)
     tcfg = config.train
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
@@ -61,6 +64,9 @@ def prepare_run(config: RunConfig, run_dir: Path) -> Run:
     if world_size > 1:  # identical starting adapters on every rank
         for param in trainable:
             dist.broadcast(param.data, src=0)
+    if config.train.sharding == "fsdp":
+        shard_model(model)  # the parameters become shards: the optimizer is built on these
+        trainable = [p for p in model.parameters() if p.requires_grad]
     run = Run(config, run_dir, model, data, device, rank, world_size, trainable)
     run.alarm = CollapseAlarm(tcfg.alarm_evals, tcfg.alarm_entropy_ratio)
     if trainable and config.model.adapter != "none":
@@ -91,18 +97,35 @@ def evaluate_and_log(run: Run, step: int, bar=None) -> tuple[dict[str, Any], Rou
     return results, recorder
 
 
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def save_run_checkpoint(run: Run, progress: Progress) -> None:
+    """Rank 0 writes; sharded, every rank calls it: the adapter and the optimizer state are gathered whole first,
+    so the checkpoint has the single-process layout."""
+    rng = rng_state()
+    rng_ranks = None
+    if run.world_size > 1:  # every rank's own random state: dropout and jitter differ per rank
+        rng_ranks = [None] * run.world_size
+        dist.all_gather_object(rng_ranks, rng)
+    if run.sharded:
+        whole, optimizer = whole_adapter_state(run.model), gathered_optimizer_state(run.optimizer)
+        save = functools.partial(run.model.save_pretrained, state_dict=whole)
+    elif run.is_main:
+        whole, optimizer, save = trainable_tensors(run.model), run.optimizer.state_dict(), run.model.save_pretrained
+    if not run.is_main:
+        return
     state = {
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": optimizer,
         "scheduler": run.scheduler.state_dict(),
-        "rng": rng_state(),
+        "rng": rng,
+        "rng_ranks": rng_ranks,
         "eval_before": progress.before,
         "bad_steps": progress.bad_steps,
         "config": run.config.to_dict(),
     }
-    save_checkpoint(
-        run.run_dir, run.model, run.model.save_pretrained, state, progress.step, run.config.train.keep_checkpoints
-    )
+    save_checkpoint(run.run_dir, whole, save, state, progress.step, run.config.train.keep_checkpoints)
 
 
 def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
@@ -150,7 +173,7 @@ def _train_loop(run: Run, progress: Progress) -> dict[str, Any]:
             log_train_step(run, progress, result, window, bar)
         if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0 and step + 1 < tcfg.steps:
             evaluate_and_log(run, step + 1, bar)
-        if run.is_main and ((tcfg.save_every and (step + 1) % tcfg.save_every == 0) or step + 1 == end_step):
+        if (tcfg.save_every and (step + 1) % tcfg.save_every == 0) or step + 1 == end_step:
             save_run_checkpoint(run, progress)
     bar.close()
     seconds = time.perf_counter() - started
@@ -209,14 +232,14 @@ def train_step(run: Run, step: int, record_health: bool) -> StepResult:
         for name, value in aux_terms(model).items():
             aux_total[name] = aux_total.get(name, 0.0) + value.item() / tcfg.grad_accum
         tokens += int(batch["attention_mask"].sum()) * run.world_size
-    if run.world_size > 1:
+    if run.world_size > 1 and not run.sharded:  # FSDP reduce-scatters the gradients itself
         for param in run.trainable:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             dist.all_reduce(param.grad)
             param.grad /= run.world_size
     clip = tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, clip))
+    grad_norm = float(full(torch.nn.utils.clip_grad_norm_(run.trainable, clip)))
     result = StepResult(lm_total, aux_total, grad_norm, tokens, health)
     # A non-finite gradient anywhere makes the norm non-finite, on every rank alike (it is taken after all_reduce).
     result.finite = all(math.isfinite(v) for v in (lm_total, grad_norm, *aux_total.values()))
@@ -287,8 +310,10 @@ def log_train_step(run: Run, progress: Progress, result: StepResult, window: Win
 def _finish(
     run: Run, before: dict, after: dict, steps_run: int, seconds: float, recorder, after_val: dict | None = None
 ) -> dict[str, Any]:
-    """Check ranks agree, then (rank 0) write adapter/, eval.json, summary.md and routing/."""
+    """Check ranks agree, then (rank 0) write adapter/, eval.json, summary.md and routing/ (sharded: the adapter
+    gathered whole on every rank first)."""
     config, trainable = run.config, run.trainable if run.optimizer is not None else []
+    whole = whole_adapter_state(run.model) if run.sharded and trainable else None
     result = {
         "before": before,
         "after": after,
@@ -301,7 +326,8 @@ def _finish(
         "peak_memory_mb": peak_memory_mb(run.device),
     }
     if run.world_size > 1 and trainable:  # every rank must hold the same adapter; a cheap order-sensitive checksum
-        flat = torch.cat([p.detach().flatten() for p in trainable]).double()
+        tensors = list(whole.values()) if whole is not None else trainable
+        flat = torch.cat([p.detach().flatten() for p in tensors]).double()
         ramp = torch.linspace(1, 2, flat.numel(), dtype=torch.float64, device=flat.device)
         checksum = torch.stack([flat.sum(), flat.abs().sum(), (flat * ramp).sum()])
         gathered = [torch.zeros_like(checksum) for _ in range(run.world_size)]
@@ -311,8 +337,8 @@ def _finish(
         result["ranks_identical"] = True
     if run.is_main:
         if trainable:
-            check_finite({n: p for n, p in run.model.named_parameters() if p.requires_grad}, "final adapter")
-            run.model.save_pretrained(run.run_dir / "adapter")
+            check_finite(whole or trainable_tensors(run.model), "final adapter")
+            run.model.save_pretrained(run.run_dir / "adapter", **({} if whole is None else {"state_dict": whole}))
         if run.routed and config.molora.rank_gates:  # what the gates kept, in the injection report
             run.model.injection_report.effective_ranks = result["effective_ranks"] = effective_ranks(run.model)
             print(run.model.injection_report)

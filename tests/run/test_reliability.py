@@ -349,7 +349,8 @@ def test_non_finite_weights_are_never_written(spec, tmp_path):
     with torch.no_grad():
         next(p for p in model.parameters() if p.requires_grad)[0] = float("inf")
     with pytest.raises(NonFiniteError, match="checkpoint at step 3: non-finite values in 1 tensor"):
-        save_checkpoint(tmp_path, model, model.save_pretrained, {}, 3, keep=2)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        save_checkpoint(tmp_path, trainable, model.save_pretrained, {}, 3, keep=2)
     assert not (tmp_path / "checkpoints").exists()
 
 
