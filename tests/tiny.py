@@ -49,6 +49,19 @@ def write_toy_domains(path: Path, per_domain: int = 60, seed: int = 0) -> Path:
     return path
 
 
+def replay_two_ranks(monkeypatch) -> None:
+    """One process sees a two-process run's global batches (run it with grad_accum=2): micro-batch m of step s is
+    rank m's slice of global batch s, so the mean of the two gradients is what the ranks' reduction makes."""
+    from molora.run.data import MultiDomainData
+
+    original = MultiDomainData.train_batch
+
+    def as_rank(self, index, batch_size, rank=0, world_size=1):
+        return original(self, index // 2, batch_size, rank=index % 2, world_size=2)
+
+    monkeypatch.setattr(MultiDomainData, "train_batch", as_rank)
+
+
 def tiny_run_config(model_dir: Path, data_file: Path, **train) -> dict:
     return {
         "model": {"name": str(model_dir)},

@@ -19,10 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from molora.run.checkpoint import MANIFEST_NAME, sha256_file
 from molora.run.config import RunConfig
-from molora.run.data import MultiDomainData
 from molora.run.sharding import check_sharding
 from molora.run.training import train
-from tests.tiny import save_tiny_model, tiny_run_config, write_toy_domains
+from tests.tiny import replay_two_ranks, save_tiny_model, tiny_run_config, write_toy_domains
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,13 +65,7 @@ def test_the_sharded_adapter_equals_the_single_process_one(tiny, tmp_path, monke
     torchrun(spec, tmp_path / "sharded")
     result = json.loads((tmp_path / "sharded" / "eval.json").read_text())
     assert result["world_size"] == 2 and result["ranks_identical"] is True
-    # One process, the same global batches: two micro-batches per step, micro-batch m being rank m's slice.
-    original = MultiDomainData.train_batch
-
-    def as_rank(self, index, batch_size, rank=0, world_size=1):
-        return original(self, index // 2, batch_size, rank=index % 2, world_size=2)
-
-    monkeypatch.setattr(MultiDomainData, "train_batch", as_rank)
+    replay_two_ranks(monkeypatch)  # one process, the same global batches
     train(RunConfig.from_dict(tiny_run_config(*tiny, steps=6, grad_accum=2)), tmp_path / "one")
     sharded, single = adapter(tmp_path / "sharded"), adapter(tmp_path / "one")
     assert sharded.keys() == single.keys()

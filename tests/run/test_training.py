@@ -11,10 +11,9 @@ import yaml
 from safetensors.torch import load_file
 
 from molora.run.config import RunConfig
-from molora.run.data import MultiDomainData
 from molora.run.setup import lr_factor
 from molora.run.training import train
-from tests.tiny import save_tiny_model, tiny_run_config, write_toy_domains
+from tests.tiny import replay_two_ranks, save_tiny_model, tiny_run_config, write_toy_domains
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -128,14 +127,7 @@ def test_two_process_torchrun_ends_with_identical_adapters(tiny, tmp_path, monke
     result = json.loads((tmp_path / "ddp" / "eval.json").read_text())
     assert result["world_size"] == 2 and result["ranks_identical"] is True
 
-    # The reference: one process, the same global batches. Two micro-batches per step (grad_accum=2), micro-batch m
-    # being rank m's slice of global batch `step`: the mean of the two gradients is what the all-reduce makes.
-    original = MultiDomainData.train_batch
-
-    def as_rank(self, index, batch_size, rank=0, world_size=1):
-        return original(self, index // 2, batch_size, rank=index % 2, world_size=2)
-
-    monkeypatch.setattr(MultiDomainData, "train_batch", as_rank)
+    replay_two_ranks(monkeypatch)  # the reference: one process, the same global batches
     train(RunConfig.from_dict(tiny_run_config(model_dir, data_file, steps=6, grad_accum=2)), tmp_path / "one")
     sharded = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
     single = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
