@@ -7,6 +7,7 @@ trainer = MoLoRATrainer(model=molora_model, args=TrainingArguments(...), train_d
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any
 
 import torch
@@ -36,11 +37,25 @@ def _unwrap(model: torch.nn.Module) -> MoLoRAModel:
     return model
 
 
+def _check_distributed(distributed_type: Any) -> None:
+    """Several processes that accelerate did not set up to train together would each train a copy of their own, and
+    nothing would say so: what accelerate 1.16 does with an FSDP (or DeepSpeed) config on a machine without a GPU."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1 and str(getattr(distributed_type, "value", distributed_type)) == "NO":
+        raise ValueError(
+            f"{processes} processes were launched, but accelerate set up no distributed training "
+            "(DistributedType.NO): each process would train its own copy of the adapter and nothing would be "
+            "synchronised. accelerate does this with an FSDP or DeepSpeed config on a machine without a GPU; there, "
+            "launch with torchrun (the Trainer then uses DDP), or use molora-train with train.sharding=fsdp"
+        )
+
+
 class MoLoRATrainer(Trainer):
     """A Trainer whose loss is the model loss plus model.aux_loss(), logging aux terms and router health."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        _check_distributed(self.accelerator.distributed_type)
         self._aux_sums: dict[str, float] = {}
         self._aux_count = 0
         self._health: dict[str, float] = {}

@@ -1,3 +1,9 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from datasets import concatenate_datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
@@ -53,3 +59,41 @@ def test_hf_trainer_trains_with_the_aux_loss_and_logs_router_health(tmp_path):
         aux = model.aux_loss()
     assert aux > 0.1  # balance at weight 0.5: far from a rounding error
     torch.testing.assert_close(objective, outputs.loss + aux, rtol=0, atol=1e-6)
+
+
+ACCELERATE_FSDP = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+num_processes: 2
+mixed_precision: 'no'
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
+"""
+TRAINER_SCRIPT = """
+import sys
+from transformers import AutoModelForCausalLM, TrainingArguments
+from molora import MoLoRAConfig, get_molora_model
+from molora.run.integrations import MoLoRATrainer
+model = get_molora_model(AutoModelForCausalLM.from_pretrained(sys.argv[1]), MoLoRAConfig(target_modules=["q_proj"]))
+MoLoRATrainer(model=model, args=TrainingArguments(output_dir=sys.argv[2], report_to=[], max_steps=1))
+print("trainer built")
+"""
+
+
+def test_a_multi_process_launch_accelerate_does_not_distribute_is_refused_by_name(tmp_path):
+    """accelerate 1.16 with an FSDP config on a machine without a GPU starts two processes with DistributedType.NO:
+    each would train alone. MoLoRATrainer refuses that, naming what to launch instead."""
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU accelerate shards: this is the CPU-only case")
+    model_dir = save_tiny_model(tmp_path / "model")
+    (tmp_path / "fsdp.yaml").write_text(ACCELERATE_FSDP)
+    (tmp_path / "script.py").write_text(TRAINER_SCRIPT)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml")]
+    command += [str(tmp_path / "script.py"), str(model_dir), str(tmp_path / "out")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "set up no distributed training (DistributedType.NO)" in done.stderr
+    assert "launch with torchrun" in done.stderr and "trainer built" not in done.stdout
