@@ -102,18 +102,18 @@ def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_run_checkpoint(run: Run, progress: Progress) -> None:
-    """Rank 0 writes; sharded, every rank calls it: the adapter and the optimizer state are gathered whole first,
-    so the checkpoint has the single-process layout."""
+    """Every rank calls it: each one's random state is gathered, and, sharded, the adapter and the optimizer state
+    are gathered whole (so the checkpoint has the single-process layout); rank 0 writes."""
     rng = rng_state()
     rng_ranks = None
     if run.world_size > 1:  # every rank's own random state: dropout and jitter differ per rank
         rng_ranks = [None] * run.world_size
         dist.all_gather_object(rng_ranks, rng)
     if run.sharded:
-        whole, optimizer = whole_adapter_state(run.model), gathered_optimizer_state(run.optimizer)
-        save = functools.partial(run.model.save_pretrained, state_dict=whole)
+        adapter, optimizer = whole_adapter_state(run.model), gathered_optimizer_state(run.optimizer)
+        save = functools.partial(run.model.save_pretrained, state_dict=adapter)
     elif run.is_main:
-        whole, optimizer, save = trainable_tensors(run.model), run.optimizer.state_dict(), run.model.save_pretrained
+        adapter, optimizer, save = trainable_tensors(run.model), run.optimizer.state_dict(), run.model.save_pretrained
     if not run.is_main:
         return
     state = {
@@ -125,7 +125,7 @@ def save_run_checkpoint(run: Run, progress: Progress) -> None:
         "bad_steps": progress.bad_steps,
         "config": run.config.to_dict(),
     }
-    save_checkpoint(run.run_dir, whole, save, state, progress.step, run.config.train.keep_checkpoints)
+    save_checkpoint(run.run_dir, adapter, save, state, progress.step, run.config.train.keep_checkpoints)
 
 
 def train(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:

@@ -107,14 +107,13 @@ def test_an_unknown_sharding_is_named(tiny):
         RunConfig.from_dict(tiny_run_config(*tiny, sharding="zero3"))
 
 
+@pytest.mark.parametrize("resumed_runs", ["none"], indirect=True)  # restored alike sharded or not
 def test_the_resume_test_can_fail_a_checkpoint_without_the_other_ranks_random_state_does_not_repeat(
     resumed_runs, tmp_path
 ):
     """The counter-test: the stopped run's checkpoint with rng_ranks taken out (as format 2 wrote it: rank 0's state
     for every rank) resumes to another adapter."""
-    sharding, root = resumed_runs
-    if sharding != "none":
-        pytest.skip("one counter-test is enough: the random state is restored the same way sharded or not")
+    _, root = resumed_runs
     run = tmp_path / "counter"
     shutil.copytree(root / "split", run)
     shutil.rmtree(run / "adapter")
