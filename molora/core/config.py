@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import re
 import warnings
@@ -92,6 +94,26 @@ def pattern_lookup(patterns: dict[str, Any] | None, module_name: str) -> tuple[s
     for key, value in (patterns or {}).items():
         if re.fullmatch(_suffix_regex(key), module_name):
             return key, value
+    return None
+
+
+# PEFT LoraConfig's names, for a PEFT user's first keyword: the field molora calls it, or why molora has none.
+PEFT_SPELLINGS = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
+PEFT_ONLY = {
+    "task_type": "molora needs no task type: it wraps the model it is given, whatever its head",
+    "bias": "molora trains no biases (PEFT's default, bias='none')",
+    "fan_in_fan_out": "molora reads GPT-2's Conv1D layout by itself",
+    "modules_to_save": "molora trains only the experts and routers; unfreeze other modules yourself",
+}
+
+
+def peft_hint(key: str, prefix: str = "") -> str | None:
+    """'did you mean ...' for a PEFT LoraConfig name that is not a MoLoRAConfig field, or None; `prefix` is put
+    before the field name suggested (a YAML key's section, 'molora.')."""
+    if key in PEFT_SPELLINGS:
+        return f"did you mean {prefix + PEFT_SPELLINGS[key]!r}? ({key!r} is PEFT's name for it)"
+    if key in PEFT_ONLY:
+        return f"{key!r} is a PEFT LoraConfig field: {PEFT_ONLY[key]}"
     return None
 
 
@@ -413,3 +435,22 @@ def read_config_file(path: Path) -> tuple[MoLoRAConfig, dict[str, Any]]:
         return MoLoRAConfig.from_dict(fields), data
     except (TypeError, ValueError, KeyError) as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+_dataclass_init = MoLoRAConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_naming_unknown_fields(self: MoLoRAConfig, *args: Any, **kwargs: Any) -> None:
+    """The dataclass __init__, but an unknown keyword is a TypeError that names the field meant (PEFT's r, lora_alpha,
+    ...; or the closest field name), as an unknown YAML key is."""
+    fields = [f.name for f in dataclasses.fields(MoLoRAConfig)]
+    for key in kwargs:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+            hint = peft_hint(key) or (f"did you mean {close[0]!r}?" if close else f"fields are {fields}")
+            raise TypeError(f"MoLoRAConfig got an unknown field {key!r}; {hint}")
+    _dataclass_init(self, *args, **kwargs)
+
+
+MoLoRAConfig.__init__ = _init_naming_unknown_fields

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from molora.core.config import MoLoRAConfig
+from molora.core.config import MoLoRAConfig, peft_hint
 from molora.core.rank_gates import check_rank_schedule
 from molora.core.routers import ROUTERS
 from molora.run.data import DataConfig
@@ -172,6 +172,10 @@ def _all_keys() -> list[str]:
 
 
 def _unknown(key: str) -> ValueError:
+    section, _, name = key.partition(".")
+    peft = peft_hint(name, "molora.") if section == "molora" else None
+    if peft is not None:
+        return ValueError(f"unknown config key {key!r}; {peft}")
     close = difflib.get_close_matches(key, _all_keys() + list(SECTIONS), n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else f"; sections are {list(SECTIONS)}"
     return ValueError(f"unknown config key {key!r}{hint}")

@@ -1,9 +1,12 @@
+import dataclasses
 import json
+import re
 
 import pytest
 
 from molora import MoLoRAConfig, __version__
 from molora.core.config import pattern_lookup
+from molora.run.config import RunConfig
 
 BAD_CONFIGS = [
     ("target_modules", dict(target_modules=[])),
@@ -113,3 +116,38 @@ def test_per_module_values_use_the_first_matching_pattern():
     assert pattern_lookup({"proj": 1}, "model.q_proj") is None  # suffixes are whole dotted parts
     with pytest.raises(ValueError, match="num_experts"):
         MoLoRAConfig(num_experts={"q_proj": 2}).experts_for("model.v_proj")
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("r", "did you mean 'rank'? ('r' is PEFT's name for it)"),
+        ("lora_alpha", "did you mean 'alpha'? ('lora_alpha' is PEFT's name for it)"),
+        ("lora_dropout", "did you mean 'dropout'?"),
+        ("task_type", "'task_type' is a PEFT LoraConfig field: molora needs no task type"),
+        ("bias", "'bias' is a PEFT LoraConfig field: molora trains no biases"),
+        ("num_expert", "did you mean 'num_experts'?"),
+    ],
+)
+def test_peft_spellings_and_typos_in_python_name_the_field_meant(key, expected):
+    with pytest.raises(TypeError, match=re.escape(f"MoLoRAConfig got an unknown field {key!r}; {expected}")):
+        MoLoRAConfig(**{key: 8})
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("r", "did you mean 'molora.rank'? ('r' is PEFT's name for it)"),  # difflib alone suggested 'molora'
+        ("task_type", "'task_type' is a PEFT LoraConfig field"),  # difflib alone suggested 'molora.expert_type'
+        ("bias", "'bias' is a PEFT LoraConfig field"),  # ... and 'molora.rank'
+    ],
+)
+def test_peft_spellings_as_yaml_keys_name_the_field_meant(key, expected):
+    with pytest.raises(ValueError, match=re.escape(f"unknown config key 'molora.{key}'; {expected}")):
+        RunConfig.from_dict({"molora": {key: 8}})
+
+
+def test_the_keyword_check_leaves_construction_as_it_was():
+    config = MoLoRAConfig(["q_proj"], rank=4)  # positional and keyword fields, as the dataclass takes them
+    assert config.target_modules == ["q_proj"] and config.rank == 4
+    assert dataclasses.replace(config, rank=2).rank == 2
