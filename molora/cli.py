@@ -1,4 +1,4 @@
-"""Command line: `molora-train` / `python -m train.train`."""
+"""Command line: `molora train|inspect|ablate|ranks`, the same as `molora-train`, ... and `python -m train.train`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, type=Path, help="YAML with sections model, data, molora, train")
     parser.add_argument("--output-dir", type=Path, help="run folder (default runs/<config name>)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the merged config (file, overrides, defaults) and exit"
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value (value parsed as YAML)")
     args = parser.parse_args(argv)
     try:
@@ -26,6 +29,11 @@ def train_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"molora-train: error: {err}", file=sys.stderr)
         return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
     run_dir = args.output_dir or Path("runs") / args.config.stem
     from molora.run.checkpoint import NonFiniteError
     from molora.run.training import train
@@ -217,3 +225,24 @@ def ranks_main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(train_main())
+
+
+COMMANDS = {"train": train_main, "inspect": inspect_main, "ablate": ablate_main, "ranks": ranks_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`molora COMMAND [args]`: one entry point for the four commands (each also installed as molora-COMMAND)."""
+    argv = sys.argv[1:] if argv is None else argv
+    usage = f"usage: molora {{{','.join(COMMANDS)}}} [args]   (molora COMMAND --help for each)"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(f"molora: error: unknown command {argv[0]!r}{hint}\n{usage}", file=sys.stderr)
+        return 2
+    return command(argv[1:])

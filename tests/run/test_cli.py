@@ -84,7 +84,7 @@ def test_every_shipped_config_parses(path):
     assert config.train.steps > 0
 
 
-@pytest.mark.parametrize("command", ["molora-train", "molora-inspect", "molora-ablate", "molora-ranks"])
+@pytest.mark.parametrize("command", ["molora", "molora-train", "molora-inspect", "molora-ablate", "molora-ranks"])
 def test_the_installed_commands_answer_help(command):
     """The console scripts pyproject declares are installed beside this interpreter (pip install -e .) and run."""
     script = Path(sys.executable).parent / command
@@ -112,3 +112,27 @@ def test_a_shipped_config_is_the_ablation_row_it_reports(config, row):
         measured.train.steps,
     )
     assert shipped.data.domains == measured.data.domains
+
+
+def test_the_umbrella_command_runs_each_command_and_names_a_typo(capsys):
+    from molora.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0 and "usage: molora-train" in capsys.readouterr().out
+    assert main(["trian"]) == 2
+    assert "unknown command 'trian'; did you mean 'train'?" in capsys.readouterr().err
+
+
+def test_print_config_prints_the_merged_config_and_trains_nothing(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from molora.cli import train_main
+
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+    assert train_main(["--config", str(config), "--print-config", "train.steps=7", "train.lr=0.005"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["steps"] == 7 and printed["train"]["lr"] == 0.005
+    assert printed["train"]["sharding"] == "none"  # a default the file does not set
+    assert not (tmp_path / "runs").exists()
