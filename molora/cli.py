@@ -14,7 +14,9 @@ def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="molora-train",
         description="Fine-tune a model on several domains with a mixture of LoRA experts.",
-        epilog="example: molora-train --config configs/quickstart.yaml train.steps=20 molora.router=switch",
+        epilog="example: molora-train --config configs/quickstart.yaml train.steps=20 molora.router=switch\n"
+        "every key, its type and default: docs/config-reference.md (or --print-config)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, type=Path, help="YAML with sections model, data, molora, train")
     parser.add_argument("--output-dir", type=Path, help="run folder (default runs/<config name>)")

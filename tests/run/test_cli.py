@@ -136,3 +136,12 @@ def test_print_config_prints_the_merged_config_and_trains_nothing(tmp_path, caps
     assert printed["train"]["steps"] == 7 and printed["train"]["lr"] == 0.005
     assert printed["train"]["sharding"] == "none"  # a default the file does not set
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_config_reference_lists_every_key_and_is_current():
+    """Generated from the dataclasses: a key without a line, a line for no key, or a stale file fails here."""
+    from molora.run import config_reference
+
+    assert set(config_reference.DESCRIPTIONS) == set(config_reference.keys())
+    committed = (Path(__file__).resolve().parents[2] / "docs" / "config-reference.md").read_text()
+    assert committed == config_reference.render(), "python -m molora.run.config_reference > docs/config-reference.md"
