@@ -32,7 +32,7 @@ def test_every_setting_has_its_kind():
     assert set(KINDS) == set(QUANTIZATIONS)
 
 
-@pytest.mark.parametrize("setting", ["nf4", "int8", "torchao-int8"])
+@pytest.mark.parametrize("setting", ["nf4", "torchao-int8"])  # int8: tests/core/test_quantized_bases.py
 def test_a_run_on_a_quantized_base_learns_and_its_adapter_reloads_onto_that_base(tiny, tmp_path, setting):
     model_dir, data_file = tiny
     spec = tiny_run_config(model_dir, data_file, steps=30)
