@@ -84,7 +84,8 @@ print("trainer built")
 
 def test_a_multi_process_launch_accelerate_does_not_distribute_is_refused_by_name(tmp_path):
     """accelerate 1.16 with an FSDP config on a machine without a GPU starts two processes with DistributedType.NO:
-    each would train alone. MoLoRATrainer refuses that, naming what to launch instead."""
+    each would train alone. MoLoRATrainer refuses that, naming what to launch instead (accelerate 1.3, the declared
+    floor, still refused FSDP without a GPU by itself)."""
     if torch.cuda.is_available():
         pytest.skip("with a GPU accelerate shards: this is the CPU-only case")
     model_dir = save_tiny_model(tmp_path / "model")
@@ -94,6 +95,8 @@ def test_a_multi_process_launch_accelerate_does_not_distribute_is_refused_by_nam
     command += [str(tmp_path / "script.py"), str(model_dir), str(tmp_path / "out")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
-    assert "set up no distributed training (DistributedType.NO)" in done.stderr
-    assert "launch with torchrun" in done.stderr and "trainer built" not in done.stdout
+    assert done.returncode != 0 and "trainer built" not in done.stdout
+    if "no available devices found" in done.stderr:  # accelerate 1.3 (the floor) refuses FSDP on CPU by itself
+        return
+    assert "set up no distributed training (DistributedType.NO)" in done.stderr, done.stderr[-3000:]
+    assert "launch with torchrun" in done.stderr
