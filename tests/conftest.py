@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import settings
@@ -168,3 +170,11 @@ def randomize_experts(model) -> None:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# `pytest -n 2` (CI): two workers on two cores take one thread each, or they fight over the cores (the suite took
+# over 10 min instead of under 4); the processes they start inherit it, so a run in a subprocess sums in the same
+# order as one in the worker and the bitwise resume tests compare like with like.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)

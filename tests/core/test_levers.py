@@ -64,7 +64,7 @@ def test_levers_match_a_loop_reference_in_outputs_and_gradients(router, lever):
     x_ref = x.clone().requires_grad_(True)
     ref = reference_output(layer, x_ref, mask, task_ids, prompt_mask, multiplier, shared)
     slow = torch.autograd.grad(ref, [x_ref, *params], grad_out)
-    assert (out - ref).abs().max() < 1e-5
+    assert (out - ref).abs().max() < 1e-5 * max(1.0, ref.abs().max().item())  # fp32 rounding grows with |out|
     for f, s in zip(fast, slow, strict=True):
         assert (f - s).abs().max() < 1e-5 * max(1.0, s.abs().max().item())
 
@@ -75,7 +75,8 @@ def test_the_lever_reference_can_fail():
     x, mask, task_ids, prompt_mask = inputs("softmax")
     with torch.no_grad(), routing_context(RoutingContext(attention_mask=mask)):
         out = layer(x)
-        assert (out - reference_output(layer, x, mask, task_ids, prompt_mask, 4.0, 1)).abs().max() < 1e-5
+        tolerance = 1e-5 * max(1.0, out.abs().max().item())  # fp32 rounding grows with |out| (here up to ~17)
+        assert (out - reference_output(layer, x, mask, task_ids, prompt_mask, 4.0, 1)).abs().max() < tolerance
         assert (out - reference_output(layer, x, mask, task_ids, prompt_mask, 1.0, 1)).abs().max() > 1e-3
         assert (out - reference_output(layer, x, mask, task_ids, prompt_mask, 4.0, 0)).abs().max() > 1e-3
 

@@ -194,7 +194,8 @@ def test_cached_greedy_decoding_equals_full_forwards(tiny_dir, backend):
         full = model(input_ids=out.sequences, attention_mask=torch.ones_like(out.sequences)).logits
     prompt_len = prompt["input_ids"].shape[1]
     error = (steps - full[:, prompt_len - 1 : -1]).abs().max().item()
-    assert error < 1e-4
+    # LLM.int8 casts its inputs to fp16 (a step of 1e-3 near 1), so its sums round by CPU: 1.6e-4 on an AMD EPYC
+    assert error < (1e-3 if backend == "bnb-int8" else 1e-4)
 
 
 class ForeignQuantLinear(nn.Linear):

@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 from molora import MoLoRAConfig, MoLoRAModel, get_molora_model
 from molora.core.routers import ROUTERS
 from tests.architectures import (
+    DECODE_TOLERANCE,
     FAMILY,
     Excluded,
     base_check,
@@ -80,7 +81,8 @@ def check_train_step_and_save_load(family: str, model_type: str, router: str, tm
         expected = model(**plain).logits
     molora = get_molora_model(model, config_for(router))
     with torch.no_grad():
-        torch.testing.assert_close(molora(**plain, **routing_inputs(router)).logits, expected, rtol=0, atol=1e-6)
+        # identity at init up to fp32 rounding (the fused path sums in another order: 1.6e-6 relative on cpmant)
+        torch.testing.assert_close(molora(**plain, **routing_inputs(router)).logits, expected, rtol=1e-5, atol=1e-6)
 
     molora.train()
     adapter = {n for n, p in molora.named_parameters() if p.requires_grad}
@@ -144,8 +146,10 @@ def test_every_architecture_takes_experts_in_every_linear(family, model_type, tm
         randomise_adapter(molora, seed)
         molora.eval()
         try:
-            gap = decoding_gap(molora, inputs, **routing_inputs(router))
+            gap = decoding_gap(molora, inputs, relative=True, **routing_inputs(router))
         except ValueError as err:  # a head-side module behind logits_to_keep: the error names the remedy
             assert "logits_to_keep=0" in str(err) and router == "intuition", err
-            gap = decoding_gap(molora, inputs, {"logits_to_keep": 0}.items(), **routing_inputs(router))
-        assert gap <= 1e-4, f"{model_type}, router={router}: cached decoding differs from full forwards by {gap:.2g}"
+            gap = decoding_gap(molora, inputs, {"logits_to_keep": 0}.items(), relative=True, **routing_inputs(router))
+        assert gap <= DECODE_TOLERANCE, (
+            f"{model_type}, router={router}: cached decoding differs from full forwards by {gap:.2g} (of the top logit)"
+        )

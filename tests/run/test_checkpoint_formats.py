@@ -24,6 +24,7 @@ from tests.tiny import save_tiny_model, tiny_run_config, write_toy_domains
 FORMAT1 = Path(__file__).parents[1] / "data" / "format1"
 FORMAT2 = Path(__file__).parents[1] / "data" / "format2"
 STEPS = 4
+FORMAT1_ROUNDING = 1e-4  # fp32 rounding of another CPU over the format-1 run's first two steps, with margin
 
 
 def spec() -> dict:
@@ -62,7 +63,7 @@ def _one_checkpoint(workdir: Path) -> Path:
 
 
 # Format 1, written by the old code ----------------------------------------------------------------------------------
-def test_a_format1_checkpoint_resumes_exactly_as_the_uninterrupted_run(workdir, capsys):
+def test_a_format1_checkpoint_resumes_as_the_uninterrupted_run(workdir, capsys):
     run = workdir / "old-run"
     shutil.copytree(FORMAT1 / "run", run)
     assert "format_version" not in json.loads((run / "checkpoints/step-000002" / MANIFEST_NAME).read_text())
@@ -71,11 +72,26 @@ def test_a_format1_checkpoint_resumes_exactly_as_the_uninterrupted_run(workdir, 
     train(RunConfig.from_dict(spec()), workdir / "whole")
     resumed, whole = _adapter(run), _adapter(workdir / "whole")
     assert resumed.keys() == whole.keys()
+    # Its first two steps ran on the machine that wrote tests/data/format1, whose CPU may round the same sums
+    # differently from this one: bitwise on that machine, 7.5e-6 apart on an AMD EPYC. A resume that drops the
+    # random state lands 0.022 away (the next test).
     for key in whole:
-        assert torch.equal(resumed[key], whole[key]), key
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=FORMAT1_ROUNDING, msg=key)
     newest = checkpoint_folders(run)[-1]
     assert newest.name == "step-000004" and verify_checkpoint(newest)["format_version"] == CHECKPOINT_FORMAT
     assert not (newest / "trainer_state.pt").exists()
+
+
+def test_the_format1_resume_test_can_fail_when_the_random_state_is_dropped(workdir, monkeypatch):
+    import molora.run.resume
+
+    monkeypatch.setattr(molora.run.resume, "set_rng_state", lambda state: None)
+    run = workdir / "old-run"
+    shutil.copytree(FORMAT1 / "run", run)
+    train(RunConfig.from_dict(spec()), run, resume=True)
+    train(RunConfig.from_dict(spec()), workdir / "whole")
+    resumed, whole = _adapter(run), _adapter(workdir / "whole")
+    assert max((resumed[k] - whole[k]).abs().max().item() for k in whole) > 10 * FORMAT1_ROUNDING
 
 
 def test_format1_adapters_load_fp32_and_int8(workdir):
@@ -112,7 +128,8 @@ def test_format2_adapters_convert_lora_b_and_give_the_logits_the_old_code_gave(w
     assert loaded_b.shape == stored[key].transpose(1, 2).shape != stored[key].shape
     with torch.no_grad():
         logits = model(input_ids=reference["input_ids"]).logits
-    torch.testing.assert_close(logits, reference[name], rtol=0, atol=1e-6)
+    # the reference was computed on another CPU, whose fp32 sums may round differently (2.1e-6 on an AMD EPYC)
+    torch.testing.assert_close(logits, reference[name], rtol=0, atol=1e-5)
 
 
 def test_the_conversion_test_can_fail_without_the_conversion(workdir, monkeypatch):
