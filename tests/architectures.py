@@ -278,7 +278,8 @@ def write_survey(path: Path) -> None:
             f"In the grid: {', '.join(tested)}.",
         ]
         lines += ["", "| type | why not |", "|---|---|"]
-        lines += [f"| {t} | {note.replace('|', '/')} |" for t, note in rows if note]
+        # brackets escaped: an error's `x['a']['b']` would read as a Markdown reference link on the docs site
+        lines += [f"| {t} | {note.replace('|', '/').replace('[', chr(92) + '[')} |" for t, note in rows if note]
         lines.append("")
     path.write_text("\n".join(lines))
 

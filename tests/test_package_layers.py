@@ -1,6 +1,6 @@
 """The house's structure, from its imports: no import cycle between molora's modules and no package importing one
 above it (at module level, inside a function or for type checking alike); the counter-tests show both checks fail
-on a graph that breaks them. The order is the one README.md's "Layout" and ../shared/DESIGN.md draw."""
+on a graph that breaks them. The order is the one docs/concepts/layout.md and ../shared/DESIGN.md draw."""
 
 from __future__ import annotations
 

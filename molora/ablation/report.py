@@ -103,8 +103,9 @@ def summarise(ablation: Ablation, results: list[dict], counts: dict[str, int]) -
 
 
 def verdict(d_loss: Interval | None, d_domain: dict[str, Interval | None]) -> str | None:
-    """The README's rule: "beats" when the paired Δ of the mean loss lies wholly below zero and no domain is worse
-    beyond its own interval; "worse" when that Δ lies wholly above zero; "tie" otherwise; None without intervals."""
+    """The verdict rule (docs/concepts/verdict-rule.md): "beats" when the paired Δ of the mean loss lies wholly below
+    zero and no domain is worse beyond its own interval; "worse" when that Δ lies wholly above zero; "tie" otherwise;
+    None without intervals."""
     if d_loss is None or d_loss.half_width is None:
         return None
     if d_loss.high < 0 and not any(d is not None and d.low is not None and d.low > 0 for d in d_domain.values()):

@@ -175,8 +175,8 @@ class MoLoRALinear(nn.Module):
             return False
         if self.dispatch == "grouped":
             return True
-        # The crossover measured by bench/bench_dispatch.py (README, "Top-k dispatch"): grouped wins on CPU from
-        # E/k = 16; on a GPU it stayed slower up to E=128 (launch-bound).
+        # The crossover measured by bench/bench_dispatch.py (docs/guides/performance.md, "Top-k dispatch"): grouped
+        # wins on CPU from E/k = 16; on a GPU it stayed slower up to E=128 (launch-bound).
         return x.device.type == "cpu" and self.routing_router.num_experts >= 16 * top_k
 
     def shares_router_matmul(self, x: torch.Tensor, expert_x: torch.Tensor) -> bool:

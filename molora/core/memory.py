@@ -2,7 +2,7 @@
 
 RebuildSaved keeps the concatenated input-side weight (experts' rows plus the router's) as a recipe instead of a
 tensor; GatedMix gates the [N, E*r] intermediate and applies the output side, keeping only what the router and the
-input side keep anyway. What each saves is measured in the README's Performance section and tests/core/test_memory.py.
+input side keep anyway. What each saves is measured in docs/guides/performance.md and tests/core/test_memory.py.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def gate_hidden(hidden4: torch.Tensor, gates4: torch.Tensor, shape: torch.Size) 
 class RebuildSaved(torch.autograd.graph.saved_tensors_hooks):
     """Autograd keeps `derived` (a concatenation of `parts`) for backward as a recipe instead: `parts` are there
     anyway (parameters), and rebuilding a weight-sized tensor in backward costs microseconds. The concatenated weight
-    is (E*r + k) * d_in numbers per layer (what that saves at a step's peak: the README's Performance section).
+    is (E*r + k) * d_in numbers per layer (what that saves at a step's peak: docs/guides/performance.md).
 
     For use where other_saved_tensor_hooks() is False.
     """
