@@ -44,3 +44,10 @@ def test_the_link_check_can_fail(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("[a](there.md) [b](missing.md) [c](there.md#a-heading) [d](there.md#nowhere) [e](https://x.org)")
     assert broken(page) == ["missing.md: no such file", "there.md#nowhere: no such heading"]
+
+
+def test_the_docs_home_page_is_the_readmes_answer_as_written_by_its_generator():
+    from tests.docs_index import index_page
+
+    current = (REPO / "docs" / "index.md").read_text()
+    assert current == index_page((REPO / "README.md").read_text()), "python -m tests.docs_index rewrites it"
