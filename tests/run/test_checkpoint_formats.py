@@ -63,14 +63,19 @@ def _one_checkpoint(workdir: Path) -> Path:
 
 
 # Format 1, written by the old code ----------------------------------------------------------------------------------
-def test_a_format1_checkpoint_resumes_as_the_uninterrupted_run(workdir, capsys):
+def _resume_format1_and_run_whole(workdir: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The format-1 run resumed to its end with this code, and the same run uninterrupted: (run, resumed, whole)."""
     run = workdir / "old-run"
     shutil.copytree(FORMAT1 / "run", run)
     assert "format_version" not in json.loads((run / "checkpoints/step-000002" / MANIFEST_NAME).read_text())
     train(RunConfig.from_dict(spec()), run, resume=True)
-    assert "continuing from step-000002" in capsys.readouterr().out
     train(RunConfig.from_dict(spec()), workdir / "whole")
-    resumed, whole = _adapter(run), _adapter(workdir / "whole")
+    return run, _adapter(run), _adapter(workdir / "whole")
+
+
+def test_a_format1_checkpoint_resumes_as_the_uninterrupted_run(workdir, capsys):
+    run, resumed, whole = _resume_format1_and_run_whole(workdir)
+    assert "continuing from step-000002" in capsys.readouterr().out
     assert resumed.keys() == whole.keys()
     # Its first two steps ran on the machine that wrote tests/data/format1, whose CPU may round the same sums
     # differently from this one: bitwise on that machine, 7.5e-6 apart on an AMD EPYC. A resume that drops the
@@ -86,11 +91,7 @@ def test_the_format1_resume_test_can_fail_when_the_random_state_is_dropped(workd
     import molora.run.resume
 
     monkeypatch.setattr(molora.run.resume, "set_rng_state", lambda state: None)
-    run = workdir / "old-run"
-    shutil.copytree(FORMAT1 / "run", run)
-    train(RunConfig.from_dict(spec()), run, resume=True)
-    train(RunConfig.from_dict(spec()), workdir / "whole")
-    resumed, whole = _adapter(run), _adapter(workdir / "whole")
+    _, resumed, whole = _resume_format1_and_run_whole(workdir)
     assert max((resumed[k] - whole[k]).abs().max().item() for k in whole) > 10 * FORMAT1_ROUNDING
 
 
