@@ -116,6 +116,13 @@ def ablate_main(argv: list[str] | None = None) -> int:
         "still show every row's finished runs",
     )
     parser.add_argument(
+        "--choices-from",
+        type=Path,
+        metavar="FOLDER",
+        help="grid rows (those in --rows, else all) run only the point chosen on validation in FOLDER, another "
+        "suite's ablation folder with the whole grid finished, instead of running the grid here",
+    )
+    parser.add_argument(
         "--cross-suite",
         nargs="+",
         metavar="SUITE=FOLDER",
@@ -159,6 +166,7 @@ def ablate_main(argv: list[str] | None = None) -> int:
             report_only=args.report_only,
             suite=args.suite,
             only=args.rows,
+            choices_from=args.choices_from,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"molora-ablate: error: {err}", file=sys.stderr)

@@ -16,6 +16,7 @@ from typing import Any
 from molora.ablation.harness import finished
 from molora.ablation.report import domains_of, fmt, summarise
 from molora.ablation.spec import load_ablation
+from molora.ablation.transfer import narrowed
 from molora.analysis.stats import seeds_to_resolve
 from molora.run.domains import SUITES
 from molora.utils import atomic_write_text
@@ -70,7 +71,7 @@ def cross_suite(
     for suite, folder in folders.items():
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"{folder} (the {suite} suite's ablation folder) does not exist")
-        ablation = load_ablation(config, seeds=seeds, suite=suite)
+        ablation = narrowed(load_ablation(config, seeds=seeds, suite=suite), Path(folder))
         if baseline is not None:
             names = [row.name for row in ablation.rows]
             if baseline not in names:

@@ -35,6 +35,7 @@ import yaml
 
 from molora.ablation.report import write_outputs
 from molora.ablation.spec import Ablation, Row, deep_merge, load_ablation
+from molora.ablation.transfer import choose_elsewhere, narrowed, record
 from molora.run.config import RunConfig
 from molora.utils import atomic_write_text
 
@@ -208,14 +209,23 @@ def run_ablation(
     report_only: bool = False,
     suite: str | None = None,
     only: list[str] | None = None,
+    choices_from: str | Path | None = None,
 ) -> list[dict]:
     """Every row over every seed (grid rows: choose on validation with the first seed); writes the tables as runs
     finish. jobs > 1 runs that many processes at once with cores/jobs threads each. report_only: train nothing,
     write the tables from the runs already done. suite: the rows on that suite's domains; only: train just these
-    rows and the ones they are measured against, report every row's finished runs (load_ablation)."""
+    rows and the ones they are measured against, report every row's finished runs (load_ablation). choices_from:
+    another suite's ablation folder; each grid row (those in `only`, else all) runs the point chosen there
+    (molora.ablation.transfer)."""
     ablation = load_ablation(config, quick, seeds, suite, only)
-    counts = check_matched(ablation)
     out = Path(out)
+    if choices_from is not None:
+        names = only if only is not None else [row.name for row in ablation.rows]
+        chosen = choose_elsewhere(ablation, names, Path(choices_from))  # all checked before the folder is touched
+        out.mkdir(parents=True, exist_ok=True)
+        record(out, chosen, Path(choices_from))
+    ablation = narrowed(ablation, out)
+    counts = check_matched(ablation)
     out.mkdir(parents=True, exist_ok=True)
     jobs = 1 if inline else max(1, jobs)
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
@@ -223,6 +233,7 @@ def run_ablation(
     command += (f" --seeds {seeds}" if seeds is not None else "") + (f" --jobs {jobs}" if jobs > 1 else "")
     command += f" --suite {suite}" if suite is not None else ""
     command += f" --rows {','.join(only)}" if only is not None else ""
+    command += f" --choices-from {choices_from}" if choices_from is not None else ""
     started = time.perf_counter()
     # the runs already done, in the tables from the start (the pool reaches them only when a worker is free)
     results: list[dict] = finished(ablation, out)

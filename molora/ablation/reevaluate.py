@@ -17,6 +17,7 @@ from typing import Any
 
 from molora.ablation.harness import load_ablation, run_one
 from molora.ablation.report import write_outputs
+from molora.ablation.transfer import narrowed
 from molora.run.config import RunConfig, apply_overrides
 from molora.utils import atomic_write_text
 
@@ -59,8 +60,8 @@ def reevaluate_ablation(config: str | Path, out: str | Path, overrides: list[str
     """Every finished run of the ablation in `out`, scored again with `overrides` applied to its config."""
     if not overrides:
         raise ValueError("--reevaluate needs at least one section.key=value")
-    ablation = load_ablation(config, quick)
     out, tag = Path(out), tag_of(overrides)
+    ablation = narrowed(load_ablation(config, quick), out)
     results, splits = [], {}
     for row in ablation.rows:
         for variant, spec in row.variants():

@@ -169,6 +169,15 @@ def markdown(ablation: Ablation, summary: list[dict], results: list[dict], comma
         "params: trainable parameters, and their ratio to "
         f"`{ablation.reference}`. routing_mi: I(task; expert) / H(task), averaged over layers.",
         "",
+    ]
+    if ablation.chosen_elsewhere:
+        chosen = "; ".join(f"`{row}` on {source}" for row, source in sorted(ablation.chosen_elsewhere.items()))
+        lines += [
+            "Grid points chosen on another suite's validation runs (`--choices-from`, recorded in "
+            f"grid_choices.json), not on this suite's: {chosen}. Only that point ran here.",
+            "",
+        ]
+    lines += [
         "| row | chosen | params | seeds | val loss | eval loss | Δ loss | token acc | "
         + " | ".join(f"{k.split('/')[1]} acc | Δ {k.split('/')[1]} acc" for k in label_keys)
         + (" | " if label_keys else "")

@@ -78,6 +78,8 @@ class Ablation:
     tolerance: float
     trained: set[str] | None = None  # rows that may train (None: all); the others only report finished runs
     chosen_on: str | None = None  # the suite the rows' configurations were chosen on, where the file says so
+    # rows whose grid point was chosen on another suite's runs (molora.ablation.transfer): {row: that folder}
+    chosen_elsewhere: dict[str, str] = field(default_factory=dict)
 
 
 def load_ablation(
