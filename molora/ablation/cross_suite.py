@@ -86,9 +86,10 @@ def cross_suite(
         if not row.trains or row.name == any_ablation.baseline:
             continue
         entry: dict[str, Any] = {"row": row.name, "suites": {}}
-        for suite, (_, summary, domains) in per_suite.items():
+        for suite, (ablation, summary, domains) in per_suite.items():
             found = next(e for e in summary if e["row"] == row.name)
-            entry["suites"][suite] = {**found, "domains": domains}
+            elsewhere = ablation.chosen_elsewhere.get(row.name)  # its grid point taken from another suite's folder
+            entry["suites"][suite] = {**found, "domains": domains, "chosen_elsewhere": elsewhere}
         if not any(found["seeds"] for found in entry["suites"].values()):
             continue  # a row of the file that has run nowhere yet
         verdicts = {s: e.get("verdict") for s, e in entry["suites"].items()}
@@ -146,6 +147,14 @@ def cross_markdown(entries: list[dict], baseline: str | None, home: str, command
             s = e["suites"][suite]
             cells += [delta_cell(s.get("d_loss"), s["seeds"]), verdict_cell(s.get("d_loss"), s.get("verdict"))]
         lines.append("| " + " | ".join([*cells, f"**{e['verdict']}**"]) + " |")
+    transferred = [
+        f"`{e['row']}` on `{suite}` (from {e['suites'][suite]['chosen_elsewhere']})"
+        for e in entries
+        for suite in suites
+        if e["suites"][suite].get("chosen_elsewhere")
+    ]
+    if transferred:
+        lines += ["", "Grid points chosen on another suite's validation (`--choices-from`): " + "; ".join(transferred)]
     lines += lever_lines(entries, suites)
     for suite in suites:
         domains = next((e["suites"][suite]["domains"] for e in entries if e["suites"][suite]["domains"]), [])

@@ -157,3 +157,50 @@ def test_another_row_can_be_the_baseline_of_the_cross_suite_table(planted, tmp_p
     assert "`home-only` mean eval loss" in (tmp_path / "x" / "cross_suite-home-only.md").read_text()
     assert ablate_main([*args, "--output-dir", str(tmp_path / "x"), "--baseline", "nope"]) == 2
     assert "--baseline 'nope' is not a row" in capsys.readouterr().err
+
+
+GRID_CONFIG = """
+data: {domains: [news, sentiment, math, code, qa], val_fraction: 0.2}
+ablation:
+  seeds: 3
+  baseline: peft-lora
+  rows:
+    - {name: peft-lora, model: {adapter: peft-lora, peft_rank: 4}}
+    - {name: tuned, molora: {router: softmax}, grid: {train.lr: [0.001, 0.002]}}
+"""
+
+
+def test_a_grid_point_chosen_on_another_suite_counts_on_the_suite_it_ran_on(tmp_path):
+    """heldout ran tuned's whole grid; bundled ran only heldout's choice (--choices-from). Read with the recorded
+    choice, bundled has three paired seeds; read as a plain grid (the record removed), none: an unfinished grid."""
+    from molora.ablation.transfer import CHOICES_FILE, record
+
+    config = tmp_path / "ablation.yaml"
+    config.write_text(GRID_CONFIG)
+    folders = {"bundled": tmp_path / "bundled", "heldout": tmp_path / "heldout"}
+    for suite, folder in folders.items():
+        for row in load_ablation(config, suite=suite).rows:
+            for variant, spec in row.variants():
+                chosen = variant in ("peft-lora", "tuned[lr=0.002]")
+                if suite == "bundled" and not chosen:
+                    continue  # not run there: the point came from heldout
+                for seed in (0, 1, 2) if chosen else (0,):
+                    loss = 1.0 + 0.1 * seed + (-0.05 + 0.002 * (seed - 1) if variant.startswith("tuned") else 0.0)
+                    result = {"variant": variant, "seed": seed, "status": "ok", "trainable_params": 100}
+                    result["spec"] = deep_merge(spec, {"train": {"seed": seed, "progress": False}})
+                    per_domain = {d: {"loss": loss} for d in SUITES[suite]}
+                    result["eval"] = {**per_domain, "mean": {"loss": loss, "token_acc": 0.5}}
+                    result["val"] = {"mean": {"loss": loss if chosen else 9.0}}
+                    run = folder / "rows" / variant / f"seed{seed}"
+                    run.mkdir(parents=True)
+                    (run / "result.json").write_text(json.dumps(result))
+    record(folders["bundled"], {"tuned": "tuned[lr=0.002]"}, folders["heldout"])
+    entry = cross_suite(config, folders)[0]
+    assert entry["suites"]["bundled"]["seeds"] == 3 and entry["suites"]["bundled"]["verdict"] == "beats"
+    assert entry["suites"]["bundled"]["chosen_elsewhere"] == str(folders["heldout"])
+    assert ablate_main(["--config", str(config), "--cross-suite", *(f"{s}={f}" for s, f in folders.items()),
+                        "--output-dir", str(tmp_path / "cross")]) == 0  # fmt: skip
+    table = (tmp_path / "cross" / "cross_suite.md").read_text()
+    assert f"`tuned` on `bundled` (from {folders['heldout']})" in table
+    (folders["bundled"] / CHOICES_FILE).unlink()
+    assert cross_suite(config, folders)[0]["suites"]["bundled"]["seeds"] == 0
