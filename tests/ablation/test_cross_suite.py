@@ -159,15 +159,11 @@ def test_another_row_can_be_the_baseline_of_the_cross_suite_table(planted, tmp_p
     assert "--baseline 'nope' is not a row" in capsys.readouterr().err
 
 
-GRID_CONFIG = """
-data: {domains: [news, sentiment, math, code, qa], val_fraction: 0.2}
-ablation:
-  seeds: 3
-  baseline: peft-lora
-  rows:
-    - {name: peft-lora, model: {adapter: peft-lora, peft_rank: 4}}
-    - {name: tuned, molora: {router: softmax}, grid: {train.lr: [0.001, 0.002]}}
-"""
+# CONFIG's baseline and one grid row
+GRID_CONFIG = (
+    CONFIG.split("    - {name: home-only")[0]
+    + "    - {name: tuned, molora: {router: softmax}, grid: {train.lr: [0.001, 0.002]}}\n"
+)
 
 
 def test_a_grid_point_chosen_on_another_suite_counts_on_the_suite_it_ran_on(tmp_path):
