@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def train_main(argv: list[str] | None = None) -> int:
     except NonFiniteError as err:  # the run stopped; its last good checkpoint stays
         print(f"molora-train: error: {err}", file=sys.stderr)
         return 1
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 wrote the run folder and reports it once
+        return 0
     if "after" in result:
         print((run_dir / "summary.md").read_text())
     else:

@@ -63,7 +63,8 @@ def resumed_runs(tiny, tmp_path_factory):
 
 def test_the_sharded_adapter_equals_the_single_process_one(tiny, tmp_path, monkeypatch):
     spec = tiny_run_config(*tiny, steps=6, sharding="fsdp")
-    torchrun(spec, tmp_path / "sharded")
+    printed = torchrun(spec, tmp_path / "sharded").stdout
+    assert printed.count("trainable parameters") == 1, printed  # the summary once (rank 0), not once per rank
     result = json.loads((tmp_path / "sharded" / "eval.json").read_text())
     assert result["world_size"] == 2 and result["ranks_identical"] is True
     replay_two_ranks(monkeypatch)  # one process, the same global batches
