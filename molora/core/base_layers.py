@@ -37,6 +37,9 @@ class BaseLayerKind:
     # Why a fixed mixture is not written into this weight, None where it is (molora.deploy.merging).
     merge_refusal: str | None = None
     quantized: bool = False
+    # Called once on each such layer of a model that trains adapters, where the library computes some forwards with
+    # a kernel that has no backward (keep_input_gradients); None where every forward is differentiable.
+    keep_differentiable: Callable[[nn.Module], None] | None = None
 
 
 BASE_LAYERS: dict[str, BaseLayerKind] = {}
@@ -101,6 +104,47 @@ def _torchao_weight(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(weight).__module__.split(".")[0] == "torchao"
 
 
+_HOOKED = "_molora_keeps_input_gradients"  # set on a layer once keep_input_gradients prepared it
+
+
+def _refuse_packed_bnb_4bit(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: a forward whose input needs a gradient must not run the packed CPU kernel (no backward)."""
+    inputs = args[0] if args else next(iter(kwargs.values()), None)
+    needs_grad = torch.is_grad_enabled() and isinstance(inputs, torch.Tensor) and inputs.requires_grad
+    if needs_grad and getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+        raise RuntimeError(
+            f"{type(module).__name__}: bitsandbytes packed this 4-bit weight for its CPU inference kernel (an eval "
+            "forward ran before the model was prepared for training), and that kernel has no backward: the gradient "
+            "through the layer would be silently lost. Load the base again and call prepare_for_kbit_training or "
+            "get_molora_model before any forward"
+        )
+
+
+def _keep_bnb_4bit_differentiable(module: nn.Module) -> None:
+    """bitsandbytes packs a frozen 4-bit weight for its AVX512-BF16 CPU kernel on the first forward in eval mode
+    without grad, and computes every later forward with that kernel, training ones too. The kernel has no backward:
+    autograd drops the gradient through the layer without an error (torch warns once), so every adapter before the
+    layer trains on a wrong gradient. Turned off here (bitsandbytes' inverse of the packing is lossy: it keeps the
+    scales in bf16, and breaks them without double quantization), so the layer keeps its differentiable
+    dequantize-and-matmul path; a layer packed before this is refused by the hook when a gradient must pass it."""
+    module.support_avx512bf16_for_cpu = False
+    module.register_forward_pre_hook(_refuse_packed_bnb_4bit, with_kwargs=True)
+
+
+def keep_input_gradients(model: nn.Module) -> nn.Module:
+    """Prepare every layer whose kind has a forward without a backward (`keep_differentiable`) to never run it in
+    training: the base is frozen, but the gradient must still flow through it to the adapters below. Every such
+    layer in the model, also those without experts (an o_proj outside target_modules carries the gradient of the
+    q/v adapters before it). Once per layer; it stays when the adapters are unloaded, as it guards the library
+    itself."""
+    for module in model.modules():
+        kind = base_kind(module)
+        if kind is not None and kind.keep_differentiable is not None and not hasattr(module, _HOOKED):
+            kind.keep_differentiable(module)
+            setattr(module, _HOOKED, True)
+    return model
+
+
 _REQUANTIZE = (
     "adding a mixture to a {what} weight re-rounds the whole weight to its quantization grid, which loses most of a "
     "delta smaller than one step; load the base model unquantized, load this adapter onto it "
@@ -153,6 +197,7 @@ register_base_layer(
         _linear_features,
         merge_refusal=_REQUANTIZE.format(what="bitsandbytes 4-bit"),
         quantized=True,
+        keep_differentiable=_keep_bnb_4bit_differentiable,
     )
 )
 
@@ -180,7 +225,8 @@ def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
     """What PEFT's prepare_model_for_kbit_training does for a quantized base, before get_molora_model: freeze every
     base parameter and keep the ones that are not quantized (norms, embeddings, the head) in fp32, so that the
     statistics and small values they hold are not lost to half precision. Gradient checkpointing needs nothing more
-    here: MoLoRAModel.gradient_checkpointing_enable() is non-reentrant, so no input has to require grad."""
+    here: MoLoRAModel.gradient_checkpointing_enable() is non-reentrant, so no input has to require grad. The quantized
+    layers are kept differentiable (keep_input_gradients), for a PEFT adapter on this base too."""
     quantized = set()
     for module in model.modules():
         kind = base_kind(module)
@@ -190,4 +236,4 @@ def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
         param.requires_grad_(False)
         if id(param) not in quantized and param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()
-    return model
+    return keep_input_gradients(model)

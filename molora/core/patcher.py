@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from molora.core.allocation import describe_preset, is_preset, layer_index
-from molora.core.base_layers import PLAIN_FORWARDS, base_kind, unsupported_reason
+from molora.core.base_layers import PLAIN_FORWARDS, base_kind, keep_input_gradients, unsupported_reason
 from molora.core.config import ALL_LINEAR, MoLoRAConfig, pattern_lookup
 from molora.core.experts import EXPERTS, RankGates, build_experts
 from molora.core.layer import LayerSpec, MoLoRALinear
@@ -248,6 +248,7 @@ def inject(model: nn.Module, config: MoLoRAConfig) -> InjectionReport:
 
     for param in model.parameters():
         param.requires_grad_(False)
+    keep_input_gradients(model)  # the frozen base must still pass the gradient down
     for name, layer in layers:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
