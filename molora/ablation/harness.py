@@ -130,6 +130,7 @@ def run_one(
         trainable_params=run["trainable_params"],
         eval=run["after"],
         val=run.get("after_val"),
+        eval_before=run.get("before"),  # the base model's scores, where the run evaluated at start
         step_s=run["seconds_per_step"],
         peak_mem_mb=run["peak_memory_mb"],
         routing_mi=routing.get("mi_normalized"),

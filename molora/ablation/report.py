@@ -197,6 +197,7 @@ def markdown(ablation: Ablation, summary: list[dict], results: list[dict], comma
     for e in summary:
         if e.get("d_domain"):
             lines.append(f"| {e['row']} | " + " | ".join(fmt(e["d_domain"].get(d), True) for d in domains) + " |")
+    lines += before_and_after(summary, results, domains)
     levers = [e for e in summary if e.get("lever")]
     if levers:
         lines += ["", "## Levers: each row against the row it changes (Δ = row - that row, paired by seed)", ""]
@@ -221,6 +222,24 @@ def markdown(ablation: Ablation, summary: list[dict], results: list[dict], comma
         lines += ["", "## Failed runs", ""] + [f"- {r['variant']} seed {r['seed']}: {r['error']}" for r in failed]
     lines += ["", "![paired difference of the mean eval loss to the baseline](ablation.png)"]
     return "\n".join(lines) + "\n"
+
+
+def before_and_after(summary: list[dict], results: list[dict], domains: list[str]) -> list[str]:
+    """Where the runs evaluated before training (train.eval_at_start): the base model's eval loss per domain, then
+    each row's after training, so the table shows what training bought and not only the differences."""
+    before = [r["eval_before"] for r in results if r.get("eval_before")]
+    if not before:
+        return []
+    columns = [*domains, "mean"]
+    lines = ["", "## Eval loss per domain: the base model before training, each row after (mean ± 95 % interval)", ""]
+    lines += ["| | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    base = [sum(scores := [b[d]["loss"] for b in before if d in b]) / len(scores) for d in columns]  # one model
+    lines.append("| before training | " + " | ".join(fmt(v) for v in base) + " |")
+    for e in summary:
+        if e.get("loss_domain"):
+            cells = [fmt(e["loss_domain"].get(d)) for d in domains] + [fmt(e["loss"])]
+            lines.append(f"| {e['row']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _plot(summary: list[dict], baseline: str | None, path: Path) -> None:

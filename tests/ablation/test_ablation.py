@@ -267,3 +267,22 @@ def test_rows_trains_only_those_and_what_they_are_measured_against(tiny_spec, tm
     assert not (tmp_path / "out" / "rows" / "softmax").exists()
     table = (tmp_path / "out" / "ablation.md").read_text()
     assert "| softmax |" in table and "--rows task" in table  # every row in the tables; the command as run
+
+
+def test_runs_that_evaluated_at_start_put_the_base_models_loss_beside_each_rows(tiny_spec, tmp_path):
+    spec = {**tiny_spec, "train": {**tiny_spec["train"], "eval_at_start": True}}
+    spec["ablation"] = {**spec["ablation"], "rows": spec["ablation"]["rows"][1:3], "baseline": "softmax"}
+    spec["ablation"].pop("match")
+    config = write(spec, tmp_path / "ablation.yaml")
+    results = run_ablation(config, tmp_path / "out", quick=True, inline=True, seeds=1)
+    run = json.loads((tmp_path / "out" / "rows" / "task" / "seed0" / "run" / "eval.json").read_text())
+    assert all(r["eval_before"] == run["before"] for r in results)  # the same base model and eval split
+    table = (tmp_path / "out" / "ablation.md").read_text()
+    domains = [d for d in results[0]["eval"] if d != "mean"]
+    before = " | ".join(f"{run['before'][d]['loss']:.3f}" for d in [*domains, "mean"])
+    assert f"| before training | {before} |" in table
+    after = {r["variant"]: r["eval"]["mean"]["loss"] for r in results}
+    lines = table.split("## Eval loss per domain")[1].splitlines()
+    assert next(ln for ln in lines if ln.startswith("| task |")).endswith(f" {after['task']:.3f} |")
+    no_start = run_ablation(write(tiny_spec, tmp_path / "b.yaml"), tmp_path / "b", quick=True, inline=True, seeds=1)
+    assert {r["variant"] for r in no_start if r.get("eval_before")} == {"base-model"}  # it trains nothing
