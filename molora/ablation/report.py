@@ -226,15 +226,22 @@ def markdown(ablation: Ablation, summary: list[dict], results: list[dict], comma
 
 def before_and_after(summary: list[dict], results: list[dict], domains: list[str]) -> list[str]:
     """Where the runs evaluated before training (train.eval_at_start): the base model's eval loss per domain, then
-    each row's after training, so the table shows what training bought and not only the differences."""
-    before = [r["eval_before"] for r in results if r.get("eval_before")]
-    if not before:
-        return []
+    each row's after training, so the table shows what training bought and not only the differences. Rows on
+    different bases (model.quantization, model.name) get a line each for theirs."""
     columns = [*domains, "mean"]
+    befores = {}
+    for e in summary:
+        scores = [r["eval_before"] for r in results if r["variant"] == e["variant"] and r.get("eval_before")]
+        if scores:  # one base model per row: the mean only smooths nothing but float noise
+            befores[e["row"]] = [sum(b[d]["loss"] for b in scores) / len(scores) for d in columns]
+    if not befores:
+        return []
     lines = ["", "## Eval loss per domain: the base model before training, each row after (mean ± 95 % interval)", ""]
     lines += ["| | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
-    base = [sum(scores := [b[d]["loss"] for b in before if d in b]) / len(scores) for d in columns]  # one model
-    lines.append("| before training | " + " | ".join(fmt(v) for v in base) + " |")
+    distinct = {tuple(round(v, 6) for v in values) for values in befores.values()}
+    for row, values in befores.items() if len(distinct) > 1 else [("", next(iter(befores.values())))]:
+        label = f"before training ({row}'s base)" if row else "before training"
+        lines.append(f"| {label} | " + " | ".join(fmt(v) for v in values) + " |")
     for e in summary:
         if e.get("loss_domain"):
             cells = [fmt(e["loss_domain"].get(d)) for d in domains] + [fmt(e["loss"])]

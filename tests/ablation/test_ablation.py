@@ -286,3 +286,19 @@ def test_runs_that_evaluated_at_start_put_the_base_models_loss_beside_each_rows(
     assert next(ln for ln in lines if ln.startswith("| task |")).endswith(f" {after['task']:.3f} |")
     no_start = run_ablation(write(tiny_spec, tmp_path / "b.yaml"), tmp_path / "b", quick=True, inline=True, seeds=1)
     assert {r["variant"] for r in no_start if r.get("eval_before")} == {"base-model"}  # it trains nothing
+
+
+def test_rows_on_different_bases_each_show_their_own_before():
+    """A quantized row starts from another base than the fp32 one: one "before" line per base, not their mean."""
+    from molora.ablation.report import before_and_after
+
+    def result(variant, before, after):
+        return {"variant": variant, "eval_before": {"a": {"loss": before}, "mean": {"loss": before}}, "after": after}
+
+    summary = [{"row": r, "variant": r, "loss_domain": {"a": mean_interval([1.0])}, "loss": None} for r in ("x", "y")]
+    different = before_and_after(summary, [result("x", 3.0, 1.0), result("y", 4.0, 1.0)], ["a"])
+    assert "| before training (x's base) | 3.000 | 3.000 |" in different
+    assert "| before training (y's base) | 4.000 | 4.000 |" in different
+    same = before_and_after(summary, [result("x", 3.0, 1.0), result("y", 3.0, 1.0)], ["a"])
+    assert [ln for ln in same if ln.startswith("| before")] == ["| before training | 3.000 | 3.000 |"]
+    assert before_and_after(summary, [{"variant": "x"}], ["a"]) == []
